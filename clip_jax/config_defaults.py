@@ -1,0 +1,62 @@
+"""The defaults every recipe in ``configs/`` starts from (sections model, data,
+optim, sharding, train, eval). A recipe overrides what differs; the command
+line overrides the recipe (``--config.train.batch_size=4096``).
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict, config_dict
+
+# Parameters without weight decay (regexes over '/'-joined paths): biases, the
+# LayerNorm gains, positional embeddings, the class token and the logit scale.
+NO_WEIGHT_DECAY = (
+    r"bias$",
+    r"(^|/)ln_\w+/scale$",
+    r"pos_embedding$",
+    r"class_token$",
+    r"^logit_scale$",
+)
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.model = ConfigDict(
+        {
+            "variant": "ViT-B/16",  # a key of clip_jax.models.clip.VARIANTS
+            "dtype": "bfloat16",  # compute dtype; parameters and optimizer state stay float32
+            "context_length": config_dict.placeholder(int),  # None: the variant's
+        }
+    )
+    c.data = ConfigDict(
+        {
+            "train_files": config_dict.placeholder(str),  # glob(s) of ArrayRecord shards
+            "tokenizer": config_dict.placeholder(str),  # sentencepiece .model file
+            "shuffle_seed": 0,
+            "num_workers": 0,  # Grain worker processes for decoding (0: threads only)
+        }
+    )
+    c.optim = ConfigDict(
+        {
+            "lr": 5e-4,
+            "end_lr_factor": 0.0,  # cosine decays to lr * end_lr_factor
+            "warmup_steps": 2000,
+            "b1": 0.9,
+            "b2": 0.98,
+            "eps": 1e-6,
+            "weight_decay": 0.2,
+            "wd_exclude": NO_WEIGHT_DECAY,
+            "grad_clip_norm": 1.0,
+        }
+    )
+    c.sharding = ConfigDict({"mesh": ConfigDict({"data": 1, "fsdp": -1, "model": 1})})
+    c.train = ConfigDict(
+        {
+            "batch_size": 32768,  # global, over all processes
+            "total_steps": 10_000,
+            "seed": 0,
+            "log_every": 100,
+            "loss": "softmax",
+        }
+    )
+    c.eval = ConfigDict({"batch_size": 256})
+    return c

@@ -1,0 +1,80 @@
+"""Sentencepiece tokenisation to fixed-length int32 ids.
+
+Policy: ids are ``[BOS, piece..., EOS, PAD, ...]`` of exactly ``context_length``
+with PAD = 0, UNK = 1, BOS = 2, EOS = 3 (the ids `train_sentencepiece` gives a
+model). A caption longer than the context is cut and still ends with EOS, so
+the text tower pools at the last non-pad token, which is always EOS. Text is
+NFKC-normalised and case-folded by the model's normaliser (CLIP lower-cases).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# Characters kept per context slot before encoding: a piece is rarely longer,
+# and cutting first makes a 1 MB caption cost what a short one costs.
+CHARS_PER_TOKEN = 16
+
+
+class Tokenizer:
+    """Callable: list of captions -> [N, context_length] int32."""
+
+    def __init__(self, model_path: str, context_length: int):
+        self.model_path = model_path
+        self.context_length = context_length
+        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID or self._sp.bos_id() != BOS_ID:
+            raise ValueError(
+                f"tokenizer {model_path} must use pad=0, unk=1, bos=2, eos=3 "
+                "(train it with data_pipelines/train_tokenizer.py)"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        max_chars = self.context_length * CHARS_PER_TOKEN
+        pieces = self._sp.encode([t[:max_chars] for t in texts])
+        out = np.zeros((len(texts), self.context_length), np.int32)
+        for row, ids in zip(out, pieces, strict=True):
+            ids = [BOS_ID, *ids[: self.context_length - 2], EOS_ID]
+            row[: len(ids)] = ids
+        return out
+
+    def __getstate__(self):  # picklable for Grain worker processes
+        return {"model_path": self.model_path, "context_length": self.context_length}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+
+def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int) -> str:
+    """Trains a BPE sentencepiece model (CLIP's kind) with our special ids; writes ``model_path``.
+
+    ``vocab_size`` is a ceiling: a small corpus may give fewer pieces.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        normalization_rule_name="nmt_nfkc_cf",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        num_threads=1,  # deterministic
+        minloglevel=2,
+    )
+    with open(model_path, "wb") as f:
+        f.write(model.getvalue())
+    return model_path

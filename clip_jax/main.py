@@ -1,0 +1,43 @@
+"""Entry point: ``python -m clip_jax.main --config=configs/b16.py --workdir=DIR``.
+
+Run the same command on every host of a multi-host slice. On a Cloud TPU VM
+pod JAX finds the other hosts itself; elsewhere pass --coordinator_address,
+--num_processes and --process_id.
+"""
+
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from clip_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/b16.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, evaluations and checkpoints go.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs off TPU pods."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed() -> None:
+    if _COORDINATOR.value:
+        # Collectives between CPU processes (tests, laptops) go through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU VM slice
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _initialize_distributed()
+    train.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,106 @@
+"""CLIP: an image tower, a text tower and a learnable temperature.
+
+Public inference API: ``CLIP.encode_image`` and ``CLIP.encode_text`` return
+L2-normalised float32 embeddings [B, embed_dim]. Variants are typed configs
+(`VARIANTS`); `get_variant` looks one up with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.models import layers
+from clip_jax.models.text import TextConfig, TextTransformer
+from clip_jax.models.vit import VisionConfig, VisionTransformer
+
+# The paper's temperature: initialised to 0.07, logits scaled by at most 100.
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    embed_dim: int
+    vision: VisionConfig
+    text: TextConfig
+    logit_scale_init: float = LOGIT_SCALE_INIT
+
+
+def _openai_text(width: int, heads: int) -> TextConfig:
+    return TextConfig(vocab_size=49408, context_length=77, width=width, layers=12, heads=heads)
+
+
+VARIANTS: dict[str, CLIPConfig] = {
+    # OpenAI's shapes (Radford et al. 2021, table 20).
+    "ViT-B/32": CLIPConfig(512, VisionConfig(224, 32, 768, 12, 12), _openai_text(512, 8)),
+    "ViT-B/16": CLIPConfig(512, VisionConfig(224, 16, 768, 12, 12), _openai_text(512, 8)),
+    "ViT-L/14": CLIPConfig(768, VisionConfig(224, 14, 1024, 24, 16), _openai_text(768, 12)),
+    "ViT-L/14-336": CLIPConfig(768, VisionConfig(336, 14, 1024, 24, 16), _openai_text(768, 12)),
+    # Small models for CPU runs and tests.
+    "tiny": CLIPConfig(
+        128,
+        VisionConfig(48, 8, 128, 4, 4, activation="gelu"),
+        TextConfig(vocab_size=256, context_length=24, width=128, layers=3, heads=4, activation="gelu"),
+    ),
+    "small": CLIPConfig(
+        256,
+        VisionConfig(64, 8, 256, 6, 4, activation="gelu"),
+        TextConfig(vocab_size=8192, context_length=32, width=256, layers=6, heads=4, activation="gelu"),
+    ),
+}
+
+
+def get_variant(name: str, **text_overrides: Any) -> CLIPConfig:
+    """The named variant; ``text_overrides`` (e.g. vocab_size) replace text-tower fields."""
+    if name not in VARIANTS:
+        raise ValueError(f"config.model.variant={name!r} is unknown; known variants: {sorted(VARIANTS)}")
+    config = VARIANTS[name]
+    overrides = {k: v for k, v in text_overrides.items() if v is not None}
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, **overrides))
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+class CLIP(nn.Module):
+    config: CLIPConfig
+    dtype: layers.Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, self.dtype)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim, self.dtype)
+        init = nn.initializers.constant(cfg.logit_scale_init)
+        self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(init, ()), ())
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """Normalised images [B, H, W, 3] -> unit-norm embeddings [B, embed_dim] (float32)."""
+        return _l2_normalize(self.visual(images))
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """Token ids [B, L] -> unit-norm embeddings [B, embed_dim] (float32)."""
+        return _l2_normalize(self.text(tokens))
+
+    def __call__(self, images: jax.Array, tokens: jax.Array):
+        """Returns (image_emb [B, E], text_emb [B, E], scale []) with scale = exp(logit_scale)."""
+        return self.encode_image(images), self.encode_text(tokens), jnp.exp(self.logit_scale)
+
+
+def clamp_logit_scale(params: dict) -> dict:
+    """Keeps exp(logit_scale) <= 100 (applied after every update, as CLIP and open_clip do)."""
+    return {**params, "logit_scale": jnp.minimum(params["logit_scale"], LOGIT_SCALE_MAX)}
+
+
+def dummy_inputs(config: CLIPConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Zero inputs of the model's shapes, for ``init`` and ``jax.eval_shape``."""
+    size = config.vision.image_size
+    images = jnp.zeros((batch, size, size, 3), jnp.float32)
+    tokens = jnp.zeros((batch, config.text.context_length), jnp.int32)
+    return images, tokens

@@ -1,0 +1,155 @@
+"""Transformer building blocks shared by the image and text towers.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``);
+`clip_jax.sharding.RULES` maps them onto the mesh. The layout follows OpenAI's
+CLIP (pre-LN residual blocks, 4x MLP, QuickGELU or GELU) with separate q/k/v
+projections, which hold exactly the parameters of OpenAI's fused ``in_proj``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# OpenAI's LayerNorm is PyTorch's (eps 1e-5); keep it for weight compatibility.
+LAYER_NORM_EPS = 1e-5
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI's approximation ``x * sigmoid(1.702 x)``, used by their checkpoints."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+def normal(stddev: float, names: tuple[str | None, ...]):
+    """A normal initialiser tagged with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+def zeros(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+    """LayerNorm whose statistics are computed in float32 whatever ``dtype`` is."""
+    return nn.LayerNorm(
+        epsilon=LAYER_NORM_EPS,
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=zeros(("norm",)),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``jax.nn.dot_product_attention``."""
+
+    num_heads: int
+    out_stddev: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, is_causal: bool) -> jax.Array:
+        """[B, L, D] -> [B, L, D]."""
+        width = x.shape[-1]
+        head_dim = width // self.num_heads
+        qkv = functools.partial(
+            nn.DenseGeneral,
+            features=(self.num_heads, head_dim),
+            dtype=self.dtype,
+            kernel_init=normal(width**-0.5, ("embed", "heads", "kv")),
+            bias_init=zeros(("heads", "kv")),
+        )
+        q, k, v = (qkv(name=name)(x) for name in ("query", "key", "value"))  # [B, L, H, Dh]
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=normal(self.out_stddev, ("heads", "kv", "embed")),
+            bias_init=zeros(("embed",)),
+            name="out",
+        )(out)
+
+
+class Mlp(nn.Module):
+    hidden: int
+    activation: str
+    out_stddev: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, L, D] -> [B, L, D]."""
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.hidden,
+            dtype=self.dtype,
+            kernel_init=normal((2 * width) ** -0.5, ("embed", "mlp")),
+            bias_init=zeros(("mlp",)),
+            name="fc",
+        )(x)
+        h = nn.with_logical_constraint(ACTIVATIONS[self.activation](h), ("batch", "length", "mlp"))
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=normal(self.out_stddev, ("mlp", "embed")),
+            bias_init=zeros(("embed",)),
+            name="proj",
+        )(h)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
+
+    num_heads: int
+    mlp_ratio: float
+    activation: str
+    num_layers: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, is_causal: bool) -> jax.Array:
+        width = x.shape[-1]
+        # OpenAI's init: residual projections shrink with depth.
+        out_stddev = width**-0.5 * (2 * self.num_layers) ** -0.5
+        h = layer_norm("ln_1", self.dtype)(x)
+        x = x + Attention(self.num_heads, out_stddev, self.dtype, name="attn")(h, is_causal=is_causal)
+        h = layer_norm("ln_2", self.dtype)(x)
+        mlp = Mlp(int(width * self.mlp_ratio), self.activation, out_stddev, self.dtype, name="mlp")
+        x = x + mlp(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
+class Transformer(nn.Module):
+    """A stack of ``num_layers`` residual blocks named ``block_0 ...``."""
+
+    num_layers: int
+    num_heads: int
+    mlp_ratio: float
+    activation: str
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, is_causal: bool) -> jax.Array:
+        for i in range(self.num_layers):
+            x = ResidualBlock(
+                self.num_heads,
+                self.mlp_ratio,
+                self.activation,
+                self.num_layers,
+                self.dtype,
+                name=f"block_{i}",
+            )(x, is_causal=is_causal)
+        return x

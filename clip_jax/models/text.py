@@ -1,0 +1,68 @@
+"""The text tower: token + positional embedding, causal blocks, final LayerNorm,
+the feature at the end-of-text token, projection (OpenAI's CLIP text encoder).
+
+End-of-text position: token ids are laid out ``[BOS, ..., EOS, PAD, PAD, ...]``
+with ``PAD == pad_id`` (0), so the end-of-text token is the last non-pad token.
+For OpenAI's BPE this is the same position as their ``argmax(token id)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    context_length: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "quick_gelu"
+    pad_id: int = 0
+
+
+def end_of_text_index(tokens: jax.Array, pad_id: int) -> jax.Array:
+    """[B, L] int -> [B] index of the last non-pad token (0 for an all-pad row)."""
+    return jnp.maximum(jnp.sum(tokens != pad_id, axis=-1) - 1, 0)
+
+
+class TextTransformer(nn.Module):
+    config: TextConfig
+    embed_dim: int
+    dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Token ids [B, L] (L <= context_length) -> unnormalised features [B, embed_dim]."""
+        cfg = self.config
+        x = nn.Embed(
+            cfg.vocab_size,
+            cfg.width,
+            dtype=self.dtype,
+            embedding_init=layers.normal(0.02, ("vocab", "embed")),
+            name="token_embedding",
+        )(tokens)
+        pos_embedding = self.param(
+            "pos_embedding",
+            layers.normal(0.01, ("length", "embed")),
+            (cfg.context_length, cfg.width),
+        )
+        x = x + pos_embedding[: tokens.shape[1]].astype(x.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = layers.Transformer(
+            cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.activation, self.dtype, name="transformer"
+        )(x, is_causal=True)
+        x = layers.layer_norm("ln_final", self.dtype)(x)
+        x = x[jnp.arange(x.shape[0]), end_of_text_index(tokens, cfg.pad_id)]  # [B, D]
+        proj = self.param(
+            "proj", layers.normal(cfg.width**-0.5, ("embed", "joint")), (cfg.width, self.embed_dim)
+        )
+        return jnp.dot(x.astype(jnp.float32), proj)

@@ -1,0 +1,195 @@
+"""Training: the train state, the step, and the loop (`run`).
+
+This is the only module that reads the whole config. Choices (which loss,
+which optimizer) are made when the step is BUILT; the traced step has no
+branches on config values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from clip_jax import evaluate, losses, metrics, optim, sharding, validation
+from clip_jax.data import pipeline, scenes, transforms
+from clip_jax.data.tokenizer import Tokenizer
+from clip_jax.models import clip
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32
+    params: Any  # plain pytree of arrays (no partitioning boxes)
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where the data of a run lies, resolved from the config (never written back into it)."""
+
+    train_files: list[str]
+    tokenizer: str
+    scenes: scenes.ScenesDataset | None = None
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int | None) -> clip.CLIP:
+    variant = clip.get_variant(
+        config.model.variant, vocab_size=vocab_size, context_length=config.model.context_length
+    )
+    return clip.CLIP(variant, dtype=jnp.dtype(config.model.dtype))
+
+
+def init_state(model: clip.CLIP, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """A fresh train state (pure: used under `jax.eval_shape` and `jax.jit`)."""
+    params = nn.meta.unbox(model.init(rng, *clip.dummy_inputs(model.config))["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_shardings(model: clip.CLIP, tx: optax.GradientTransformation, mesh: Mesh):
+    """(abstract TrainState, matching tree of NamedShardings) from the logical axis names."""
+    rng = jax.random.key(0)
+    boxed = jax.eval_shape(lambda: model.init(rng, *clip.dummy_inputs(model.config))["params"])
+    abstract = jax.eval_shape(lambda: init_state(model, tx, rng))
+    param_shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), abstract.params, mesh)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+    )
+    shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+    return abstract, shardings
+
+
+def make_train_step(
+    model: clip.CLIP,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_fn: losses.LossFn,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure step ``(state, batch) -> (state, metrics)``.
+
+    batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L]} (global arrays).
+    """
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        images = transforms.normalize(batch["image"])
+
+        def loss_of(params):
+            image_emb, text_emb, scale = model.apply({"params": params}, images, batch["tokens"])
+            loss, stats = loss_fn(image_emb, text_emb, scale)
+            return loss, stats
+
+        (loss, stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates))
+        stats = {
+            **stats,
+            "loss": loss,
+            "logit_scale": jnp.exp(params["logit_scale"]),
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+        }
+        return TrainState(state.step + 1, params, opt_state), stats
+
+    return train_step
+
+
+def compile_train_step(step_fn, state_shardings_, mesh: Mesh):
+    """jit with explicit in/out shardings; the old state's buffers are donated."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings_, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings_, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
+    """Generates the synthetic scenes when the config asks for them; else checks the paths."""
+    data = config.data
+    if data.get("scenes"):
+        spec = data.scenes
+        dataset = scenes.ensure_dataset(
+            spec.dir or os.path.join(workdir, "scenes"),
+            num_train=spec.num_train,
+            num_heldout_things=spec.num_heldout_things,
+            num_heldout_scenes=spec.num_heldout_scenes,
+            image_size=clip.get_variant(config.model.variant).vision.image_size,
+            vocab_size=spec.vocab_size,
+            seed=spec.seed,
+        )
+        return DataSpec(dataset.train_files, dataset.tokenizer, dataset)
+    return DataSpec(validation.data_files(config), data.tokenizer)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains for ``config.train.total_steps``; returns the final metrics and evaluation."""
+    validation.check_config(config)
+    mesh = sharding.make_mesh(config.sharding.mesh)
+    validation.check_batch(config, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    data = resolve_data(config, workdir)
+    tokenizer = Tokenizer(data.tokenizer, config.model.context_length)
+    model = build_model(config, tokenizer.vocab_size)
+    total_steps = config.train.total_steps
+    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    loss_fn = losses.make_loss(config.train.loss, mesh)
+    primary = jax.process_index() == 0
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        abstract, shardings = state_shardings(model, tx, mesh)
+        state = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=shardings)(
+            jax.random.key(config.train.seed)
+        )
+        log_model_summary(abstract, mesh)
+        step_fn = compile_train_step(make_train_step(model, tx, schedule, loss_fn), shardings, mesh)
+        batches = pipeline.train_iterator(
+            data.train_files,
+            tokenizer,
+            model.config.vision.image_size,
+            config.train.batch_size // jax.process_count(),
+            seed=config.data.shuffle_seed,
+            num_workers=config.data.num_workers,
+        )
+        logger = metrics.MetricsLogger(workdir, total_steps, config.train.batch_size, primary)
+        for step in range(1, total_steps + 1):
+            state, step_metrics = step_fn(state, sharding.to_global(next(batches), mesh))
+            if step % config.train.log_every == 0 or step in (1, total_steps):
+                last = logger.write(step, step_metrics)
+        result = {"train": last}
+        if data.scenes is not None:
+            result["eval"] = evaluate.evaluate_scenes(
+                model, state.params, tokenizer, data.scenes, config.eval.batch_size
+            )
+            if primary:
+                write_eval(workdir, total_steps, result["eval"])
+    return result
+
+
+def log_model_summary(abstract: TrainState, mesh: Mesh) -> None:
+    count = sum(x.size for x in jax.tree.leaves(abstract.params))
+    logging.info("model: %s parameters; mesh %s", f"{count:,}", dict(mesh.shape))
+    print(f"model: {count:,} parameters; mesh {dict(mesh.shape)}", flush=True)
+
+
+def write_eval(workdir: str, step: int, results: dict) -> None:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", f"{step}.json"), "w") as f:
+        json.dump(results, f, indent=2)

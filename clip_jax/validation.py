@@ -1,0 +1,84 @@
+"""Config checks that run before anything is built or compiled.
+
+Every error names the config field and says what to do.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from jax.sharding import Mesh
+
+from clip_jax import losses, sharding
+from clip_jax.data import records
+from clip_jax.models import clip
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks that need no devices: names, ranges, required paths."""
+    try:
+        clip.get_variant(config.model.variant)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(
+        config.train.loss in losses.BUILDERS,
+        f"config.train.loss={config.train.loss!r} is unknown; known: {sorted(losses.BUILDERS)}",
+    )
+    for field, minimum in (
+        ("train.batch_size", 1),
+        ("train.total_steps", 1),
+        ("train.log_every", 1),
+        ("optim.warmup_steps", 0),
+        ("eval.batch_size", 1),
+    ):
+        section, name = field.split(".")
+        value = config[section][name]
+        _require(value >= minimum, f"config.{field}={value} must be >= {minimum}")
+    _require(config.optim.lr > 0, f"config.optim.lr={config.optim.lr} must be > 0")
+    _require(
+        config.model.dtype in ("float32", "bfloat16"),
+        f"config.model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'",
+    )
+    if not config.data.get("scenes"):
+        _require(
+            bool(config.data.train_files),
+            "config.data.train_files is required: pass "
+            "--config.data.train_files='gs://BUCKET/train-*.array_record' (ArrayRecord shards)",
+        )
+        _require(
+            bool(config.data.tokenizer),
+            "config.data.tokenizer is required: pass --config.data.tokenizer=PATH.model "
+            "(a sentencepiece model; data_pipelines/train_tokenizer.py makes one)",
+        )
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The global batch must split evenly over the batch-sharded devices and the processes."""
+    ways = sharding.batch_devices(mesh)
+    batch = config.train.batch_size
+    _require(
+        batch % ways == 0,
+        f"config.train.batch_size={batch} is not divisible by the batch-sharded devices "
+        f"(data x fsdp = {ways} on mesh {dict(mesh.shape)})",
+    )
+    processes = len({d.process_index for d in mesh.devices.flat})
+    _require(
+        batch % processes == 0,
+        f"config.train.batch_size={batch} is not divisible by the process count {processes}",
+    )
+
+
+def data_files(config: ml_collections.ConfigDict) -> list[str]:
+    """The training files, with an error naming config.data.train_files when none match."""
+    try:
+        return records.expand(config.data.train_files, "config.data.train_files")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None

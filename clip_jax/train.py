@@ -44,7 +44,8 @@ class DataSpec:
     scenes: scenes.ScenesDataset | None = None
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int | None) -> clip.CLIP:
+def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> clip.CLIP:
+    """The model of ``config.model``; ``vocab_size`` (the tokenizer's) replaces the variant's."""
     variant = clip.get_variant(
         config.model.variant, vocab_size=vocab_size, context_length=config.model.context_length
     )
@@ -143,7 +144,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     validation.check_batch(config, mesh)
     os.makedirs(workdir, exist_ok=True)
     data = resolve_data(config, workdir)
-    tokenizer = Tokenizer(data.tokenizer, config.model.context_length)
+    context_length = build_model(config).config.text.context_length
+    tokenizer = Tokenizer(data.tokenizer, context_length)
     model = build_model(config, tokenizer.vocab_size)
     total_steps = config.train.total_steps
     tx, schedule = optim.make_optimizer(config.optim, total_steps)

@@ -55,7 +55,8 @@ def train_iterator(
     local_batch_size: int,
     seed: int,
     num_workers: int = 0,
-    num_threads: int = 8,
+    num_threads: int = 4,
+    prefetch_batches: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
     """An endless iterator of host-local training batches."""
     ds = (
@@ -65,7 +66,11 @@ def train_iterator(
         .map(DecodeExample(tokenizer, image_size))
         .batch(local_batch_size, drop_remainder=True)
     )
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=256))
+    # Threads decode ahead up to `prefetch_batches` batches; more only competes with
+    # the step for CPU on small hosts.
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    )
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)

@@ -46,9 +46,11 @@ HELD_OUT = frozenset((colour, SHAPES[i % len(SHAPES)]) for i, colour in enumerat
 TRAIN_COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT)
 HELD_OUT_COMBOS = tuple(sorted(HELD_OUT))
 
-# Zero-shot prompts: classify the shape (ensembled over sizes) and the colour
-# (ensembled over shapes); the CLIP recipe of averaging prompt embeddings.
-SHAPE_TEMPLATES = ("a {}", "a small {}", "a large {}")
+# Zero-shot prompts, the CLIP recipe of averaging prompt embeddings: the shape
+# classifier is ensembled over every colour (so no class prompt leans towards
+# the colours its shape was trained with) and the colour classifier over
+# every shape.
+SHAPE_TEMPLATES = ("a {}",) + tuple(f"a {colour} {{}}" for colour in COLOURS)
 COLOUR_TEMPLATES = tuple(f"a {{}} {shape}" for shape in SHAPES)
 
 

@@ -45,13 +45,13 @@ VARIANTS: dict[str, CLIPConfig] = {
     # Small models for CPU runs and tests.
     "tiny": CLIPConfig(
         128,
-        VisionConfig(48, 8, 128, 4, 4, activation="gelu"),
-        TextConfig(vocab_size=256, context_length=24, width=128, layers=3, heads=4, activation="gelu"),
+        VisionConfig(32, 8, 128, 4, 4),
+        TextConfig(vocab_size=256, context_length=16, width=128, layers=3, heads=4),
     ),
     "small": CLIPConfig(
         256,
-        VisionConfig(64, 8, 256, 6, 4, activation="gelu"),
-        TextConfig(vocab_size=8192, context_length=32, width=256, layers=6, heads=4, activation="gelu"),
+        VisionConfig(64, 8, 256, 6, 4),
+        TextConfig(vocab_size=8192, context_length=32, width=256, layers=6, heads=4),
     ),
 }
 

@@ -52,6 +52,31 @@ def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
     )
 
 
+class Projection(nn.Module):
+    """``einsum`` with a kernel of named axes and a bias: [..., in] -> [..., out] over any dims.
+
+    ``spec`` is the einsum of input and kernel, e.g. "bld,dhk->blhk"; ``kernel_shape``
+    and ``names`` describe the kernel, whose trailing output dims form the bias.
+    (flax's DenseGeneral initialises a flattened kernel, which breaks logical sharding.)
+    """
+
+    spec: str
+    kernel_shape: tuple[int, ...]
+    names: tuple[str, ...]
+    num_out: int
+    stddev: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", normal(self.stddev, self.names), self.kernel_shape)
+        out_shape, out_names = self.kernel_shape[-self.num_out :], self.names[-self.num_out :]
+        bias = self.param("bias", zeros(out_names), out_shape)
+        return jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(
+            self.dtype
+        )
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``jax.nn.dot_product_attention``."""
 
@@ -63,22 +88,20 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, *, is_causal: bool) -> jax.Array:
         """[B, L, D] -> [B, L, D]."""
         width = x.shape[-1]
-        head_dim = width // self.num_heads
-        qkv = functools.partial(
-            nn.DenseGeneral,
-            features=(self.num_heads, head_dim),
-            dtype=self.dtype,
-            kernel_init=normal(width**-0.5, ("embed", "heads", "kv")),
-            bias_init=zeros(("heads", "kv")),
-        )
-        q, k, v = (qkv(name=name)(x) for name in ("query", "key", "value"))  # [B, L, H, Dh]
+        shape = (width, self.num_heads, width // self.num_heads)
+        names = ("embed", "heads", "kv")
+        q, k, v = (
+            Projection("bld,dhk->blhk", shape, names, 2, width**-0.5, self.dtype, name=name)(x)
+            for name in ("query", "key", "value")
+        )  # [B, L, H, Dh]
         out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=normal(self.out_stddev, ("heads", "kv", "embed")),
-            bias_init=zeros(("embed",)),
+        return Projection(
+            "blhk,hkd->bld",
+            shape[1:] + shape[:1],
+            names[1:] + names[:1],
+            1,
+            self.out_stddev,
+            self.dtype,
             name="out",
         )(out)
 

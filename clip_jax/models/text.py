@@ -31,7 +31,9 @@ class TextConfig:
 
 def end_of_text_index(tokens: jax.Array, pad_id: int) -> jax.Array:
     """[B, L] int -> [B] index of the last non-pad token (0 for an all-pad row)."""
-    return jnp.maximum(jnp.sum(tokens != pad_id, axis=-1) - 1, 0)
+    nonpad = tokens != pad_id
+    last = tokens.shape[1] - 1 - jnp.argmax(nonpad[:, ::-1], axis=-1)
+    return jnp.where(jnp.any(nonpad, axis=-1), last, 0)
 
 
 class TextTransformer(nn.Module):

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from clip_jax import sharding
 from clip_jax.data import pipeline, scenes, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip
@@ -20,13 +22,16 @@ from clip_jax.models import clip
 class Encoder:
     """Jitted, batched ``encode_image`` / ``encode_text`` for one model and its params."""
 
-    def __init__(self, model: clip.CLIP, params, batch_size: int):
+    def __init__(self, model: clip.CLIP, params, batch_size: int, mesh: Mesh | None = None):
         self.params = params
         self.batch_size = batch_size
+        # Replicated outputs: every process can read the embeddings (multi-host too).
+        out = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
         self._image = jax.jit(
-            lambda p, x: model.apply({"params": p}, transforms.normalize(x), method=clip.CLIP.encode_image)
+            lambda p, x: model.apply({"params": p}, transforms.normalize(x), method=clip.CLIP.encode_image),
+            **out,
         )
-        self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=clip.CLIP.encode_text))
+        self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=clip.CLIP.encode_text), **out)
 
     def _batched(self, fn, x: np.ndarray) -> np.ndarray:
         n, size = len(x), self.batch_size
@@ -79,13 +84,18 @@ def recall_at_k(similarity: np.ndarray, targets: np.ndarray, ks: Sequence[int]) 
 
 
 def evaluate_scenes(
-    model: clip.CLIP, params, tokenizer: Tokenizer, dataset: scenes.ScenesDataset, batch_size: int
+    model: clip.CLIP,
+    params,
+    tokenizer: Tokenizer,
+    dataset: scenes.ScenesDataset,
+    batch_size: int,
+    mesh: Mesh | None = None,
 ) -> dict[str, float]:
     """Zero-shot shape/colour accuracy on held-out combinations and text->image retrieval.
 
     Returns the metrics with their chance levels (``*_chance``) and prints a table.
     """
-    encoder = Encoder(model, params, batch_size)
+    encoder = Encoder(model, params, batch_size, mesh)
     size = model.config.vision.image_size
     things = pipeline.load_eval_set([dataset.heldout_things], tokenizer, size)
     image_emb = encoder.images(things["image"])

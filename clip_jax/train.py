@@ -178,7 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         result = {"train": last}
         if data.scenes is not None:
             result["eval"] = evaluate.evaluate_scenes(
-                model, state.params, tokenizer, data.scenes, config.eval.batch_size
+                model, state.params, tokenizer, data.scenes, config.eval.batch_size, mesh
             )
             if primary:
                 write_eval(workdir, total_steps, result["eval"])

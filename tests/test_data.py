@@ -71,7 +71,9 @@ def test_resize_center_crop_and_normalize():
     out = transforms.resize_center_crop(img, 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     white = np.asarray(transforms.normalize(out))
-    np.testing.assert_allclose(white[0, 0], (1 - np.array(transforms.CLIP_MEAN)) / transforms.CLIP_STD, rtol=1e-5)
+    np.testing.assert_allclose(
+        white[0, 0], (1 - np.array(transforms.CLIP_MEAN)) / transforms.CLIP_STD, rtol=1e-5
+    )
 
 
 def test_scenes_never_show_held_out_combinations_in_training():

@@ -2,12 +2,13 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 METRIC_KEYS = {
     "step", "loss", "i2t_acc", "t2i_acc", "logit_scale", "grad_norm", "lr",

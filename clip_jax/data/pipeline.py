@@ -68,9 +68,7 @@ def train_iterator(
     )
     # Threads decode ahead up to `prefetch_batches` batches; more only competes with
     # the step for CPU on small hosts.
-    it = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
-    )
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches))
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)

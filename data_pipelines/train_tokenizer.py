@@ -1,0 +1,48 @@
+"""Train a sentencepiece tokenizer for clip_jax on a caption corpus.
+
+    python data_pipelines/train_tokenizer.py --out=tokenizer.model --vocab_size=32000 \
+        --input='captions/*.txt'                       # one caption per line
+    python data_pipelines/train_tokenizer.py --out=tokenizer.model \
+        --input='shards/train-*.array_record' --max_captions=10000000
+
+The model uses clip_jax's special ids (pad 0, unk 1, bos 2, eos 3); pass its
+path as ``--config.data.tokenizer``. Its vocabulary size becomes the text
+tower's.
+"""
+
+import itertools
+import time
+
+from absl import app, flags
+
+from clip_jax.data import pipeline, records, tokenizer
+
+_INPUT = flags.DEFINE_string("input", None, "Glob(s) of .txt files or ArrayRecord shards.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Where to write the .model file.", required=True)
+_VOCAB = flags.DEFINE_integer("vocab_size", 32_000, "Vocabulary size (a ceiling for small corpora).")
+_MAX = flags.DEFINE_integer("max_captions", 5_000_000, "Captions to train on at most.")
+
+
+def captions(files):
+    for path in files:
+        if path.endswith(".array_record"):
+            yield from (r["caption"] for r in pipeline.read_all([path]))
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield from (line.rstrip("\n") for line in f if line.strip())
+
+
+def main(argv):
+    del argv
+    files = records.expand(_INPUT.value, "--input")
+    start = time.perf_counter()
+    corpus = itertools.islice(captions(files), _MAX.value)
+    tokenizer.train_sentencepiece(corpus, _OUT.value, _VOCAB.value)
+    tok = tokenizer.Tokenizer(_OUT.value, context_length=77)
+    print(
+        f"{_OUT.value}: {tok.vocab_size} pieces from {len(files)} files in {time.perf_counter() - start:.1f}s"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

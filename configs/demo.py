@@ -29,7 +29,7 @@ def get_config(arg=None):
         }
     )
     c.train.batch_size = 128
-    c.train.total_steps = 600
+    c.train.total_steps = 500
     c.train.log_every = 50
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50

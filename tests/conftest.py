@@ -20,7 +20,7 @@ def scenes_dataset(tmp_path_factory) -> scenes.ScenesDataset:
         num_train=512,
         num_heldout_things=64,
         num_heldout_scenes=64,
-        image_size=32,
+        image_size=40,
         vocab_size=128,
         seed=0,
     )

@@ -29,7 +29,7 @@ def test_records_round_trip_and_atomic_shards(tmp_path):
 
 
 def test_tokenizer_fixed_length_bos_eos_and_padding(tok):
-    ids = tok(["a small red circle", "", "a large blue square above a small green cross"])
+    ids = tok(["a small red circle", "", "a large blue bar above a small green cross"])
     assert ids.shape == (3, 16) and ids.dtype == np.int32
     assert list(ids[1, :3]) == [tokenizer.BOS_ID, tokenizer.EOS_ID, tokenizer.PAD_ID]
     row = list(ids[0])
@@ -50,7 +50,7 @@ def test_tokenizer_is_picklable(tok):
     import pickle
 
     clone = pickle.loads(pickle.dumps(tok))
-    np.testing.assert_array_equal(clone(["a red square"]), tok(["a red square"]))
+    np.testing.assert_array_equal(clone(["a red bar"]), tok(["a red bar"]))
 
 
 def test_decode_composites_alpha_on_white_and_applies_exif():
@@ -93,8 +93,8 @@ def test_scenes_are_deterministic_and_drawn_as_described():
     a, b = list(scenes._split(7, 0, 5, 32)), list(scenes._split(7, 0, 5, 32))
     assert a == b
     rng = np.random.default_rng(0)
-    image, caption, things = scenes.make_scene(rng, 32, [[("blue", "square")]], drop=False)
-    assert caption.endswith("blue square")
+    image, caption, things = scenes.make_scene(rng, 32, [[("blue", "bar")]], drop=False)
+    assert caption.endswith("blue bar")
     # The object's colour dominates the pixels around its centre.
     cx, cy = (int(c * 32) for c in things[0].centre)
     np.testing.assert_allclose(image[cy, cx].astype(int), scenes.COLOURS["blue"], atol=20)
@@ -122,11 +122,11 @@ def test_two_thing_scenes_respect_the_stated_relation():
 
 def test_train_iterator_batches_and_is_deterministic(scenes_dataset, tok):
     def first_batches(seed):
-        it = pipeline.train_iterator(scenes_dataset.train_files, tok, 32, 16, seed=seed)
+        it = pipeline.train_iterator(scenes_dataset.train_files, tok, 40, 16, seed=seed)
         return [next(it) for _ in range(3)]
 
     a, b, c = first_batches(0), first_batches(0), first_batches(1)
-    assert a[0]["image"].shape == (16, 32, 32, 3) and a[0]["image"].dtype == np.uint8
+    assert a[0]["image"].shape == (16, 40, 40, 3) and a[0]["image"].dtype == np.uint8
     assert a[0]["tokens"].shape == (16, 16) and a[0]["tokens"].dtype == np.int32
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
@@ -145,8 +145,18 @@ def test_process_shares_are_equal_and_disjoint(scenes_dataset, monkeypatch):
 
 
 def test_one_epoch_sees_every_record_once(scenes_dataset, tok):
-    it = pipeline.train_iterator(scenes_dataset.train_files, tok, 32, 64, seed=3)
+    it = pipeline.train_iterator(scenes_dataset.train_files, tok, 40, 64, seed=3)
     epoch = np.concatenate([next(it)["tokens"] for _ in range(512 // 64)])
     all_tokens = tok([r["caption"] for r in pipeline.read_all(scenes_dataset.train_files)])
     as_sorted = lambda x: sorted(map(tuple, x))
     assert as_sorted(epoch) == as_sorted(all_tokens)
+
+
+def test_plain_things_are_dark_and_named_without_colour():
+    rng = np.random.default_rng(2)
+    image, caption, things = scenes.make_scene(rng, 40, [[(scenes.PLAIN, "cross")]], drop=False)
+    assert caption == f"a {things[0].size} cross"
+    cx, cy = (int(c * 40) for c in things[0].centre)
+    np.testing.assert_allclose(image[cy, cx].astype(int), scenes.PLAIN_INK, atol=20)
+    things = [scenes.make_scene(rng, 8, [scenes.TRAIN_COMBOS], True)[2][0] for _ in range(1000)]
+    assert 0.25 < sum(t.colour == scenes.PLAIN for t in things) / 1000 < 0.35

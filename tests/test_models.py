@@ -54,7 +54,7 @@ def tiny():
 
 def test_embeddings_are_unit_norm(tiny):
     model, params = tiny
-    images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    images = jax.random.normal(jax.random.key(1), (3, 40, 40, 3))
     tokens = jnp.array([[2, 5, 6, 3] + [0] * 12] * 3)
     image_emb, text_emb, scale = model.apply({"params": params}, images, tokens)
     assert image_emb.shape == text_emb.shape == (3, 128)

@@ -48,7 +48,7 @@ def random_batch(batch=16, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(4, 256, size=(batch, 16)).astype(np.int32)
     tokens[:, 0], tokens[:, 10], tokens[:, 11:] = 2, 3, 0
-    return {"image": rng.integers(0, 256, size=(batch, 32, 32, 3), dtype=np.uint8), "tokens": tokens}
+    return {"image": rng.integers(0, 256, size=(batch, 40, 40, 3), dtype=np.uint8), "tokens": tokens}
 
 
 def grads_on(mesh_shape, devices=None):

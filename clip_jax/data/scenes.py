@@ -1,11 +1,12 @@
 """Procedurally generated captioned scenes: the embedded demo dataset.
 
-Each image holds one or two coloured shapes of two sizes at random positions;
-captions describe them ("a small red circle above a large blue square"), with
-attributes sometimes left out and two-object relations stated either way
-round. Some (colour, shape) combinations are HELD OUT: they never appear in
-training, and the evaluation sets are built from them, so zero-shot accuracy
-on them measures generalisation to unseen compositions, not memory.
+Each image holds one or two shapes of two sizes at random positions, coloured
+or in plain dark ink; captions describe them ("a small red circle above a
+large blue bar", "a large cross"), with attributes sometimes left out and
+two-object relations stated either way round. Some (colour, shape)
+combinations are HELD OUT: they never appear in training, and the evaluation
+sets are built from them, so zero-shot accuracy on them measures
+generalisation to unseen compositions, not memory.
 
 Everything is a pure function of the seed: the same data on every machine.
 """
@@ -24,16 +25,26 @@ from PIL import Image, ImageDraw
 
 from clip_jax.data import records, tokenizer
 
+# Eight hues around the colour wheel: each held-out colour has neighbours that
+# are seen with the held-out shape, so an unseen pair lies between seen ones.
 COLOURS = {
     "red": (215, 35, 35),
-    "green": (35, 160, 60),
-    "blue": (35, 75, 215),
-    "yellow": (235, 200, 25),
-    "purple": (135, 45, 175),
     "orange": (240, 125, 15),
+    "yellow": (235, 200, 25),
+    "green": (35, 160, 60),
+    "cyan": (20, 180, 200),
+    "blue": (35, 75, 215),
+    "purple": (135, 45, 175),
+    "pink": (235, 100, 170),
 }
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-SIZES = {"small": 0.24, "large": 0.42}  # diameter as a share of the image side
+# Things drawn in plain dark ink, their colour never named: they make shape,
+# not colour, the only way to tell many training pairs apart, so the model
+# learns shape features that carry over to colours it never saw a shape in.
+PLAIN = "plain"
+PLAIN_INK = (70, 70, 70)
+# Shapes that differ even at a few pixels: outline (disc, triangle), aspect ratio (bar), topology (cross).
+SHAPES = ("circle", "bar", "triangle", "cross")
+SIZES = {"small": 0.3, "large": 0.5}  # diameter as a share of the image side
 # relation -> (its converse, the sign of (dx, dy) from the first object to the second)
 RELATIONS = {
     "to the left of": ("to the right of", (1, 0)),
@@ -41,16 +52,19 @@ RELATIONS = {
     "above": ("below", (0, 1)),
     "below": ("above", (0, -1)),
 }
-# One combination per colour, spread over the shapes: never seen in training.
-HELD_OUT = frozenset((colour, SHAPES[i % len(SHAPES)]) for i, colour in enumerate(COLOURS))
-TRAIN_COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT)
+# One (colour, shape) pair per shape is never seen in training.
+HELD_OUT = frozenset({("red", "circle"), ("green", "bar"), ("blue", "triangle"), ("purple", "cross")})
 HELD_OUT_COMBOS = tuple(sorted(HELD_OUT))
+ALL_COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES)
+# Training things: the coloured pairs not held out, and plain things (~30%).
+PLAIN_WEIGHT = 3
+TRAIN_COMBOS = tuple(c for c in ALL_COMBOS if c not in HELD_OUT) + PLAIN_WEIGHT * tuple(
+    (PLAIN, s) for s in SHAPES
+)
 
-# Zero-shot prompts, the CLIP recipe of averaging prompt embeddings: the shape
-# classifier is ensembled over every colour (so no class prompt leans towards
-# the colours its shape was trained with) and the colour classifier over
-# every shape.
-SHAPE_TEMPLATES = ("a {}",) + tuple(f"a {colour} {{}}" for colour in COLOURS)
+# Zero-shot prompts, averaged per class as in CLIP: shapes are named without a
+# colour, colours are ensembled over every shape.
+SHAPE_TEMPLATES = ("a {}", "a small {}", "a large {}")
 COLOUR_TEMPLATES = tuple(f"a {{}} {shape}" for shape in SHAPES)
 
 
@@ -65,7 +79,7 @@ def prompts(templates: tuple[str, ...], name: str) -> list[str]:
 
 
 SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges
-VERSION = 1  # bump when the generator's output changes
+VERSION = 4  # bump when the generator's output changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +93,13 @@ class Thing:
 def _draw(draw: ImageDraw.ImageDraw, thing: Thing, side: int) -> None:
     cx, cy = thing.centre[0] * side, thing.centre[1] * side
     r = SIZES[thing.size] * side / 2
-    fill = COLOURS[thing.colour]
+    fill = PLAIN_INK if thing.colour == PLAIN else COLOURS[thing.colour]
     if thing.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif thing.shape == "square":
-        q = r * 0.85
-        draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
+    elif thing.shape == "bar":
+        draw.rectangle((cx - r, cy - r * 0.35, cx + r, cy + r * 0.35), fill=fill)
     elif thing.shape == "triangle":
         draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-    elif thing.shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)], fill=fill)
     else:  # cross
         t = r * 0.35
         draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
@@ -109,7 +120,7 @@ def render(things: list[Thing], image_size: int, rng: np.random.Generator) -> np
 
 
 def _place(rng: np.random.Generator, sizes: list[str], direction: tuple[int, int] | None):
-    """Centres for 1-2 things that do not overlap and, for two, agree with ``direction``."""
+    """Centres for 1-2 things; two lie apart (touching at most) along ``direction``."""
     while True:
         centres = []
         for size in sizes:
@@ -130,7 +141,7 @@ def _phrase(thing: Thing, rng: np.random.Generator, drop: bool) -> str:
     words = []
     if not (drop and rng.random() < 0.3):
         words.append(thing.size)
-    if not (drop and rng.random() < 0.15):
+    if thing.colour != PLAIN and not (drop and rng.random() < 0.15):
         words.append(thing.colour)
     words.append(thing.shape)
     return fix_articles("a " + " ".join(words))
@@ -163,14 +174,12 @@ def _encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-ALL_COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES)
-
-
 def _split(seed: int, split: int, count: int, image_size: int) -> Iterator[dict]:
     """Records of one split: 0 = train, 1 = held-out single things, 2 = held-out scenes.
 
-    Held-out scenes put a held-out combination beside any other thing. The
-    ``labels`` describe the first (for held-out splits: the held-out) thing.
+    Held-out scenes put a held-out combination beside any coloured thing.
+    Held-out records carry ``labels`` (shape and colour indices) of their
+    held-out thing.
     """
     for i in range(count):
         rng = np.random.default_rng([seed, split, i])
@@ -179,15 +188,11 @@ def _split(seed: int, split: int, count: int, image_size: int) -> Iterator[dict]
         else:
             slots = [HELD_OUT_COMBOS] if split == 1 else [HELD_OUT_COMBOS, ALL_COMBOS]
         image, caption, things = make_scene(rng, image_size, slots, drop=split == 0)
-        yield {
-            "key": f"{split}-{i:07d}",
-            "image": _encode_png(image),
-            "caption": caption,
-            "labels": {
-                "shape": SHAPES.index(things[0].shape),
-                "colour": list(COLOURS).index(things[0].colour),
-            },
-        }
+        record = {"key": f"{split}-{i:07d}", "image": _encode_png(image), "caption": caption}
+        if split:
+            shape, colour = things[0].shape, things[0].colour
+            record["labels"] = {"shape": SHAPES.index(shape), "colour": list(COLOURS).index(colour)}
+        yield record
 
 
 @dataclasses.dataclass(frozen=True)

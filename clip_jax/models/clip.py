@@ -45,7 +45,7 @@ VARIANTS: dict[str, CLIPConfig] = {
     # Small models for CPU runs and tests.
     "tiny": CLIPConfig(
         128,
-        VisionConfig(32, 8, 128, 4, 4),
+        VisionConfig(40, 8, 128, 4, 4),
         TextConfig(vocab_size=256, context_length=16, width=128, layers=3, heads=4),
     ),
     "small": CLIPConfig(

@@ -116,7 +116,8 @@ def evaluate_scenes(
         k = int(name.split("@")[1])
         results[f"t2i_{name}"] = value
         results[f"t2i_{name}_chance"] = k / n
-    print_table("held-out scenes (never-seen colour+shape pairs)", results)
+    if jax.process_index() == 0:
+        print_table("held-out scenes (never-seen colour+shape pairs)", results)
     return results
 
 

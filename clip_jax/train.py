@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -160,7 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=shardings)(
             jax.random.key(config.train.seed)
         )
-        log_model_summary(abstract, mesh)
+        if primary:
+            log_model_summary(abstract, mesh)
         step_fn = compile_train_step(make_train_step(model, tx, schedule, loss_fn), shardings, mesh)
         batches = pipeline.train_iterator(
             data.train_files,
@@ -187,7 +187,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def log_model_summary(abstract: TrainState, mesh: Mesh) -> None:
     count = sum(x.size for x in jax.tree.leaves(abstract.params))
-    logging.info("model: %s parameters; mesh %s", f"{count:,}", dict(mesh.shape))
     print(f"model: {count:,} parameters; mesh {dict(mesh.shape)}", flush=True)
 
 

@@ -20,7 +20,7 @@ def test_records_round_trip_and_atomic_shards(tmp_path):
     items = [{"key": str(i), "image": bytes([i]), "caption": f"c{i}", "label": i} for i in range(10)]
     paths = records.write_shards(items, str(tmp_path / "x"), 3)
     assert [os.path.basename(p) for p in paths] == [f"x-0000{i}-of-00003.array_record" for i in range(3)]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp*"))
     back = sorted(pipeline.read_all(paths), key=lambda r: int(r["key"]))
     assert back == items
     assert records.expand(str(tmp_path / "x-*"), "f") == paths

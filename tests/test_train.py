@@ -16,6 +16,10 @@ METRIC_KEYS = {
 }  # fmt: skip
 
 
+# The conftest's scenes_dataset: reused, not regenerated, when these match.
+SMALL_SCENES = (("num_train", 512), ("num_heldout_things", 64), ("num_heldout_scenes", 64))
+
+
 def run_main(workdir, *overrides, timeout=600):
     """``python -m clip_jax.main --config=configs/demo.py`` in a fresh process (8 CPU devices)."""
     cmd = [sys.executable, "-m", "clip_jax.main", f"--config={ROOT / 'configs' / 'demo.py'}"]
@@ -32,9 +36,7 @@ def test_short_demo_run_trains_and_writes_metrics(tmp_path, scenes_dataset):
     proc = run_main(
         tmp_path,
         f"--config.data.scenes.dir={os.path.dirname(scenes_dataset.tokenizer)}",
-        "--config.data.scenes.num_train=512",
-        "--config.data.scenes.num_heldout_things=64",
-        "--config.data.scenes.num_heldout_scenes=64",
+        *(f"--config.data.scenes.{n}={v}" for n, v in SMALL_SCENES),
         "--config.train.batch_size=64",
         "--config.train.total_steps=40",
         "--config.train.log_every=1",
@@ -51,6 +53,22 @@ def test_short_demo_run_trains_and_writes_metrics(tmp_path, scenes_dataset):
         results = json.load(f)
     assert {"zero_shot_shape_top1", "zero_shot_colour_top1", "t2i_R@1", "t2i_R@5"} <= set(results)
     assert "ETA" in proc.stdout and "held-out scenes" in proc.stdout
+
+
+def test_two_processes_with_two_devices_each_train(tmp_path, scenes_dataset):
+    """The multi-host path (jax.distributed + gloo) through launch/local.py."""
+    cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=2"]
+    cmd += ["--", f"--config={ROOT / 'configs' / 'demo.py'}", f"--workdir={tmp_path}"]
+    cmd += [f"--config.data.scenes.dir={os.path.dirname(scenes_dataset.tokenizer)}"]
+    cmd += [f"--config.data.scenes.{n}={v}" for n, v in SMALL_SCENES]
+    cmd += ["--config.train.batch_size=32", "--config.train.total_steps=6", "--config.train.log_every=2"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path)  # written once, by process 0
+    assert [r["step"] for r in rows] == [1, 2, 4, 6]
+    assert proc.stdout.count("mesh {'data': 4, 'fsdp': 1, 'model': 1}") == 1
+    assert (tmp_path / "eval" / "6.json").exists()
 
 
 def test_bad_override_fails_fast_with_the_field_name(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,12 +40,14 @@ def shard_paths(prefix: str, num_shards: int) -> list[str]:
 def write_shards(records: Iterable[Mapping[str, Any]], prefix: str, num_shards: int) -> list[str]:
     """Writes records round-robin into ``num_shards`` files; returns their paths.
 
-    Each file is written under a temporary name and renamed when complete, so an
-    interrupted write never leaves a file that looks finished.
+    Each file is written under a temporary name of its own and renamed when
+    complete, so an interrupted write never leaves a file that looks finished,
+    and processes writing the same (deterministic) files at once do not clash.
     """
     paths = shard_paths(prefix, num_shards)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    writers = [ArrayRecordWriter(p + ".tmp", WRITER_OPTIONS) for p in paths]
+    tmp = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    writers = [ArrayRecordWriter(p + tmp, WRITER_OPTIONS) for p in paths]
     try:
         for i, record in enumerate(records):
             writers[i % num_shards].write(encode(record))
@@ -52,8 +55,16 @@ def write_shards(records: Iterable[Mapping[str, Any]], prefix: str, num_shards: 
         for w in writers:
             w.close()
     for p in paths:
-        os.replace(p + ".tmp", p)
+        os.replace(p + tmp, p)
     return paths
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a private temporary file and a rename."""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def expand(pattern: str, field: str) -> list[str]:

@@ -248,6 +248,7 @@ def ensure_dataset(
     tokenizer.train_sentencepiece(captions, dataset.tokenizer, vocab_size)
     records.write_shards(_split(seed, 1, num_heldout_things, image_size), things, 1)
     records.write_shards(_split(seed, 2, num_heldout_scenes, image_size), scenes, 1)
-    with open(done, "w") as f:  # written last: its presence means the rest is complete
-        json.dump(spec, f)
+    # Written last: its presence means the rest is complete. Several processes
+    # may generate the same files at once; every write is atomic.
+    records.write_atomically(done, json.dumps(spec).encode())
     return dataset

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from clip_jax.data import records
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Characters kept per context slot before encoding: a piece is rarely longer,
 # and cutting first makes a 1 MB caption cost what a short one costs.
@@ -75,6 +77,5 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int) 
         num_threads=1,  # deterministic
         minloglevel=2,
     )
-    with open(model_path, "wb") as f:
-        f.write(model.getvalue())
+    records.write_atomically(model_path, model.getvalue())
     return model_path

@@ -60,3 +60,24 @@ def base_config() -> ConfigDict:
     )
     c.eval = ConfigDict({"batch_size": 256})
     return c
+
+
+# The CLIP paper's schedule: 32 epochs of 400M pairs at a global batch of 32,768.
+PAPER_EPOCHS, PAPER_DATASET_SIZE, PAPER_BATCH = 32, 400_000_000, 32768
+
+
+def clip_paper_recipe(variant: str, lr: float) -> ConfigDict:
+    """Radford et al. 2021 for a ViT: batch 32,768 for 390,625 steps, AdamW (wd 0.2,
+    betas (0.9, 0.98), eps 1e-6), 2,000 warmup steps then cosine, bf16 compute, FSDP
+    over every device. ``config.data.train_files`` and ``config.data.tokenizer`` stay
+    required overrides.
+    """
+    c = base_config()
+    c.model.variant = variant
+    c.model.dtype = "bfloat16"
+    c.train.batch_size = PAPER_BATCH
+    c.train.total_steps = PAPER_EPOCHS * PAPER_DATASET_SIZE // PAPER_BATCH
+    c.optim.update(lr=lr, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6, warmup_steps=2000)
+    c.sharding.mesh = {"data": 1, "fsdp": -1, "model": 1}
+    c.data.num_workers = 16
+    return c

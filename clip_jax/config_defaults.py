@@ -59,6 +59,8 @@ def base_config() -> ConfigDict:
         }
     )
     c.eval = ConfigDict({"batch_size": 256})
+    # Train state + data position under WORKDIR/checkpoints; a run resumes from the latest.
+    c.checkpoint = ConfigDict({"every": 1000, "keep": 3})
     return c
 
 

@@ -37,13 +37,15 @@ class MetricsLogger:
         now = time.perf_counter()
         steps = step - self._last_step
         seconds = max(now - self._last_time, 1e-9)
+        # The first interval includes compilation: no ETA is extrapolated from it.
+        first = self._last_step == 0
         record = {
             "step": step,
             **values,
             "steps_per_sec": steps / seconds,
             "pairs_per_sec": steps * self.global_batch / seconds,
             "elapsed_s": now - self.start,
-            "eta_s": (self.total_steps - step) * seconds / steps,
+            "eta_s": None if first else (self.total_steps - step) * seconds / steps,
         }
         self._last_time, self._last_step = now, step
         if self.primary:
@@ -53,8 +55,12 @@ class MetricsLogger:
                 f"step {step}/{self.total_steps} loss {values['loss']:.4f} "
                 f"i2t {values['i2t_acc']:.3f} t2i {values['t2i_acc']:.3f} "
                 f"scale {values['logit_scale']:.1f} lr {values['lr']:.2e} "
-                f"|g| {values['grad_norm']:.2f} {record['pairs_per_sec']:.0f} pairs/s "
-                f"ETA {_duration(record['eta_s'])}",
+                f"|g| {values['grad_norm']:.2f} "
+                + (
+                    f"(compiled and ran in {_duration(seconds)})"
+                    if first
+                    else f"{record['pairs_per_sec']:.0f} pairs/s ETA {_duration(record['eta_s'])}"
+                ),
                 flush=True,
             )
         return record

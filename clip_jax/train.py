@@ -21,7 +21,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from clip_jax import evaluate, losses, metrics, optim, sharding, validation
+from clip_jax import checkpoint, evaluate, losses, metrics, optim, sharding, validation
 from clip_jax.data import pipeline, scenes, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip
@@ -137,7 +137,10 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains for ``config.train.total_steps``; returns the final metrics and evaluation."""
+    """Trains (or resumes) to ``config.train.total_steps``.
+
+    Returns {"train": last logged metrics, "state": final TrainState, "eval": ...}.
+    """
     validation.check_config(config)
     mesh = sharding.make_mesh(config.sharding.mesh)
     validation.check_batch(config, mesh)
@@ -156,12 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         abstract, shardings = state_shardings(model, tx, mesh)
-        state = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=shardings)(
-            jax.random.key(config.train.seed)
-        )
         if primary:
             log_model_summary(abstract, mesh)
-        step_fn = compile_train_step(make_train_step(model, tx, schedule, loss_fn), shardings, mesh)
         batches = pipeline.train_iterator(
             data.train_files,
             tokenizer,
@@ -170,12 +169,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             seed=config.data.shuffle_seed,
             num_workers=config.data.num_workers,
         )
-        logger = metrics.MetricsLogger(workdir, total_steps, config.train.batch_size, primary)
-        for step in range(1, total_steps + 1):
-            state, step_metrics = step_fn(state, sharding.to_global(next(batches), mesh))
-            if step % config.train.log_every == 0 or step in (1, total_steps):
-                last = logger.write(step, step_metrics)
-        result = {"train": last}
+        checkpoints = checkpoint.Checkpoints(
+            os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.keep
+        )
+        try:
+            state = checkpoints.restore(abstract, shardings, batches)
+            if state is None:
+                init = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=shardings)
+                state = init(jax.random.key(config.train.seed))
+            elif primary:
+                print(f"resumed from step {int(state.step)}", flush=True)
+            step_fn = compile_train_step(make_train_step(model, tx, schedule, loss_fn), shardings, mesh)
+            logger = metrics.MetricsLogger(workdir, total_steps, config.train.batch_size, primary)
+            result = {"train": None}
+            first_step = int(state.step) + 1
+            for step in range(first_step, total_steps + 1):
+                state, step_metrics = step_fn(state, sharding.to_global(next(batches), mesh))
+                if step % config.train.log_every == 0 or step in (first_step, total_steps):
+                    result["train"] = logger.write(step, step_metrics)
+                checkpoints.save(step, state, batches)
+            if checkpoints.latest_step() != total_steps:
+                checkpoints.save(total_steps, state, batches, force=True)
+        finally:
+            checkpoints.close()
+        result["state"] = state
         if data.scenes is not None:
             result["eval"] = evaluate.evaluate_scenes(
                 model, state.params, tokenizer, data.scenes, config.eval.batch_size, mesh

@@ -36,4 +36,5 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.1
     c.sharding.mesh = {"data": -1, "fsdp": 1, "model": 1}
     c.eval.batch_size = 128
+    c.checkpoint.every = 100
     return c.lock()

@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 from clip_jax.data import scenes  # noqa: E402
@@ -24,3 +27,14 @@ def scenes_dataset(tmp_path_factory) -> scenes.ScenesDataset:
         vocab_size=128,
         seed=0,
     )
+
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str):
+    """``configs/NAME.py``'s get_config(), unlocked for the test to adjust."""
+    spec = importlib.util.spec_from_file_location(name, CONFIGS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().unlock()

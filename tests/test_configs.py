@@ -1,34 +1,24 @@
 """Every recipe builds at full size (abstractly), and bad values fail early, by name."""
 
-import importlib.util
-import pathlib
-
 import jax
 import pytest
+from conftest import CONFIGS_DIR, load_config
 
 from clip_jax import train, validation
 from clip_jax.models import clip
 
-CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
-
-
-def load(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+CONFIGS = sorted(p.stem for p in CONFIGS_DIR.glob("*.py"))
 
 
 def with_data(config):
-    config = config.unlock()
     if not config.data.get("scenes"):
         config.data.train_files, config.data.tokenizer = "/data/train-*.array_record", "/data/tok.model"
     return config
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_builds_at_full_size(path):
-    config = with_data(load(path))
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_at_full_size(name):
+    config = with_data(load_config(name))
     validation.check_config(config)
     model = train.build_model(config)
     tx, _ = train.optim.make_optimizer(config.optim, config.train.total_steps)
@@ -39,7 +29,7 @@ def test_config_builds_at_full_size(path):
 
 
 def test_b16_is_the_paper_recipe():
-    config = load(pathlib.Path(__file__).parents[1] / "configs" / "b16.py")
+    config = load_config("b16")
     assert config.model.variant == "ViT-B/16" and config.model.dtype == "bfloat16"
     assert config.train.batch_size == 32768
     assert config.train.total_steps * config.train.batch_size == 32 * 400_000_000
@@ -63,7 +53,7 @@ def run_must_fail(config, tmp_path, monkeypatch, match):
 
 
 def demo_config():
-    return load(pathlib.Path(__file__).parents[1] / "configs" / "demo.py").unlock()
+    return load_config("demo")
 
 
 def test_batch_not_divisible_by_devices(tmp_path, monkeypatch):
@@ -79,12 +69,12 @@ def test_unknown_variant(tmp_path, monkeypatch):
 
 
 def test_missing_data_path_for_b16(tmp_path, monkeypatch):
-    config = load(pathlib.Path(__file__).parents[1] / "configs" / "b16.py").unlock()
+    config = load_config("b16")
     run_must_fail(config, tmp_path, monkeypatch, r"config.data.train_files is required")
 
 
 def test_data_path_matching_nothing(tmp_path, monkeypatch):
-    config = with_data(load(pathlib.Path(__file__).parents[1] / "configs" / "b32.py"))
+    config = with_data(load_config("b32"))
     config.data.train_files = str(tmp_path / "nothing-*.array_record")
     config.sharding.mesh = {"data": -1, "fsdp": 1, "model": 1}
     run_must_fail(config, tmp_path, monkeypatch, r"config.data.train_files=.* matches no files")

@@ -61,7 +61,11 @@ def state_shardings(model: clip.CLIP, tx: optax.GradientTransformation, mesh: Me
     """(abstract TrainState, matching tree of NamedShardings) from the logical axis names."""
     rng = jax.random.key(0)
     boxed = jax.eval_shape(lambda: model.init(rng, *clip.dummy_inputs(model.config))["params"])
-    abstract = jax.eval_shape(lambda: init_state(model, tx, rng))
+    # The model is traced once; the optimizer state's shapes follow from the params'.
+    params = jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params)
+    )
     param_shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), abstract.params, mesh)
     opt_shardings = optax.tree_utils.tree_map_params(
         tx,

@@ -31,8 +31,17 @@ def base_config() -> ConfigDict:
         {
             "train_files": config_dict.placeholder(str),  # glob(s) of ArrayRecord shards
             "tokenizer": config_dict.placeholder(str),  # sentencepiece .model file
+            "format": "array_record",  # or "webdataset": img2dataset tar shards read directly
             "shuffle_seed": 0,
+            "shuffle_buffer": 1000,  # webdataset only: samples held for shuffling
             "num_workers": 0,  # Grain worker processes for decoding (0: threads only)
+            # Training augmentation: random-resized crop (area share, aspect ratio); else centre crop.
+            "random_crop": True,
+            "crop_scale": (0.9, 1.0),  # open_clip's CLIP default; torchvision's is (0.08, 1.0)
+            "crop_ratio": (3 / 4, 4 / 3),
+            # Bad records are skipped, replaced and counted; above this share the run stops.
+            "max_skip_fraction": 0.1,
+            "stall_timeout_s": 600.0,  # no batch for this long: stop with an error, not a hang
         }
     )
     c.optim = ConfigDict(

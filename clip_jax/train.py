@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from clip_jax import checkpoint, evaluate, losses, metrics, optim, sharding, validation
-from clip_jax.data import pipeline, scenes, transforms
+from clip_jax.data import pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip
 
@@ -165,13 +165,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         abstract, shardings = state_shardings(model, tx, mesh)
         if primary:
             log_model_summary(abstract, mesh)
-        batches = pipeline.train_iterator(
+        skipped = skips.SkipCounter(config.data.max_skip_fraction)
+        batches = pipeline.from_config(
+            config.data,
             data.train_files,
             tokenizer,
             model.config.vision.image_size,
             config.train.batch_size // jax.process_count(),
-            seed=config.data.shuffle_seed,
-            num_workers=config.data.num_workers,
+            skipped,
         )
         checkpoints = checkpoint.Checkpoints(
             os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.keep
@@ -191,6 +192,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 state, step_metrics = step_fn(state, sharding.to_global(next(batches), mesh))
                 if step % config.train.log_every == 0 or step in (first_step, total_steps):
                     result["train"] = logger.write(step, step_metrics)
+                    if skipped.total_skipped:
+                        print(f"data (process {jax.process_index()}): {skipped.as_dict()}", flush=True)
                 checkpoints.save(step, state, batches)
             if checkpoints.latest_step() != total_steps:
                 checkpoints.save(total_steps, state, batches, force=True)

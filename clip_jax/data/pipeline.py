@@ -1,43 +1,141 @@
-"""Grain input pipelines over ArrayRecord files of `clip_jax.data.records`.
+"""Grain input pipelines over ArrayRecord files (`clip_jax.data.records`) or tar shards.
 
 Training: random access, a global shuffle by seed re-drawn every epoch, epochs
 repeated without end (the loop counts steps), each JAX process reading its own
-equal share, decode + tokenise in worker threads (or processes), batches of
-host-local numpy arrays::
+equal share, decode + augment + tokenise in worker threads (or processes),
+batches of host-local numpy arrays::
 
     {"image": uint8 [b, S, S, 3], "tokens": int32 [b, L]}
 
+Bad records (see `clip_jax.data.skips`) never stop or shorten the stream: the
+example at index i whose record is bad is replaced by the next good record
+(i+1, i+2, ...) of the same shuffled order, deterministically, so every batch
+is full, every host runs the same number of steps and a resumed run sees the
+same batches. Each bad record is counted once per epoch, by reason, in the
+`SkipCounter` passed in (the train loop logs it); it stops the run with
+`TooManyBadRecords` when the share passes ``max_skip_fraction``. A watchdog
+raises `DataStallError` when no batch arrives for ``stall_timeout_s``.
+
 Every process gets the same number of records (the remainder of the record
-count modulo the process count is dropped), so every host runs the same number
-of steps and no host waits on another for data.
+count modulo the process count is dropped), so no host waits on another.
+The returned iterator is a Grain ``DatasetIterator``: its state (a position)
+is saved in the orbax checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 import jax
 import numpy as np
 
-from clip_jax.data import records, transforms
+from clip_jax.data import records, skips, transforms, watchdog
 from clip_jax.data.tokenizer import Tokenizer
+
+# Consecutive bad records tolerated before a replacement search gives up.
+MAX_REPLACE_TRIES = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeExample(grain.transforms.Map):
-    """Record bytes -> {"image": uint8 [S, S, 3], "tokens": int32 [L]}."""
+class Crop:
+    """Random-resized-crop parameters (area share and aspect-ratio ranges)."""
+
+    scale: tuple[float, float] = (0.9, 1.0)  # open_clip's CLIP training default
+    ratio: tuple[float, float] = transforms.CROP_RATIO
+
+
+DEFAULT_CROP = Crop()
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeExample:
+    """A record (msgpack bytes or dict) -> {"image": uint8 [S, S, 3], "tokens": int32 [L]}.
+
+    ``crop``: random-resized crop drawn from the ``rng`` given (training); None:
+    resize + centre crop (evaluation). Raises `skips.BadRecord`.
+    """
 
     tokenizer: Tokenizer
     image_size: int
+    crop: Crop | None = None
+    max_pixels: int = transforms.MAX_PIXELS
 
-    def map(self, data: bytes) -> dict[str, np.ndarray]:
-        return self.from_record(records.decode(data))
+    def __call__(self, element: bytes | dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        record = element if isinstance(element, dict) else _unpack(element)
+        if record.get("bad"):  # a reader marked it (e.g. a tar member cut short)
+            raise skips.BadRecord(record["bad"], record.get("key", ""))
+        caption = skips.caption_text(record.get("caption"))
+        img = transforms.decode_image(record.get("image") or b"", self.max_pixels)
+        if self.crop is None or rng is None:
+            image = transforms.resize_center_crop(img, self.image_size)
+        else:
+            scale, ratio = self.crop.scale, self.crop.ratio
+            image = transforms.random_resized_crop(img, self.image_size, rng, scale, ratio)
+        return {"image": image, "tokens": self.tokenizer([caption])[0]}
 
-    def from_record(self, record: dict) -> dict[str, np.ndarray]:
-        image = transforms.resize_center_crop(transforms.decode_image(record["image"]), self.image_size)
-        return {"image": image, "tokens": self.tokenizer([record["caption"]])[0]}
+
+def _unpack(data: bytes) -> dict:
+    try:
+        record = records.decode(data)
+    except Exception as e:  # corrupt msgpack: any of several exception types
+        raise skips.BadRecord("decode_error", f"record: {type(e).__name__}") from None
+    if not isinstance(record, dict):
+        raise skips.BadRecord("decode_error", "record is not a map")
+    return record
+
+
+class DecodeOrReplace(grain.MapDataset):
+    """Decodes element i; a bad one is replaced by the next good element (i+1, ...).
+
+    Each example also carries ``"skipped"`` int32 [len(REASONS)] (the reason of
+    element i when it was bad, so each bad record is counted once) and
+    ``"drawn"`` (1). Randomness: ``np.random.default_rng([seed, i, attempt])``.
+    """
+
+    def __init__(self, parent: grain.MapDataset, decode: DecodeExample, seed: int):
+        super().__init__(parent)
+        self._decode = decode
+        self._seed = seed
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return "DecodeOrReplace"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        reason, reasons = None, []
+        for attempt in range(min(MAX_REPLACE_TRIES, len(self._parent))):
+            rng = np.random.default_rng([self._seed, index, attempt])
+            try:
+                example = self._decode(self._parent[(index + attempt) % len(self._parent)], rng)
+            except skips.BadRecord as e:
+                reason = reason or e.reason
+                reasons.append(e.reason)
+                continue
+            return {**example, "skipped": skips.one_hot(reason), "drawn": np.int32(1)}
+        raise skips.TooManyBadRecords(
+            f"{len(reasons)} consecutive bad records from index {index} ({sorted(set(reasons))}): "
+            "the data is mostly broken"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CountSkips(grain.transforms.Map):
+    """Main-process stage: moves a batch's "skipped"/"drawn" into the counter (which may raise)."""
+
+    counter: skips.SkipCounter
+
+    def map(self, batch: dict) -> dict:
+        batch = dict(batch)
+        skipped, drawn = batch.pop("skipped"), batch.pop("drawn")
+        self.counter.add(int(np.sum(drawn)), skipped)
+        return batch
 
 
 def process_share(files: Sequence[str]) -> grain.MapDataset:
@@ -57,20 +155,41 @@ def train_iterator(
     num_workers: int = 0,
     num_threads: int = 4,
     prefetch_batches: int = 4,
+    crop: Crop | None = DEFAULT_CROP,
+    counter: skips.SkipCounter | None = None,
+    stall_timeout_s: float | None = 600.0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """An endless iterator of host-local training batches."""
+    """An endless iterator of host-local training batches from ArrayRecord ``files``.
+
+    ``counter``: where skipped records are counted (a fresh one with the
+    default ceiling when None). ``crop=None``: centre crops (no augmentation).
+    """
+    decode = DecodeExample(tokenizer, image_size, crop)
     ds = (
         process_share(files)
         .shuffle(seed=seed)
         .repeat(None)
-        .map(DecodeExample(tokenizer, image_size))
+        .pipe(DecodeOrReplace, decode, seed)
         .batch(local_batch_size, drop_remainder=True)
     )
     # Threads decode ahead up to `prefetch_batches` batches; more only competes with
     # the step for CPU on small hosts.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches))
+    return finish(it, num_workers, counter, stall_timeout_s)
+
+
+def finish(
+    it: grain.IterDataset,
+    num_workers: int,
+    counter: skips.SkipCounter | None,
+    stall_timeout_s: float | None,
+) -> grain.DatasetIterator:
+    """Worker processes, then (in this process) skip counting and the stall watchdog."""
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it = it.map(CountSkips(counter if counter is not None else skips.SkipCounter()))
+    if stall_timeout_s:
+        it = watchdog.Watchdog(it, stall_timeout_s)
     return iter(it)
 
 
@@ -81,14 +200,19 @@ def read_all(files: Sequence[str]) -> list[dict]:
 
 
 def load_eval_set(files: Sequence[str], tokenizer: Tokenizer, image_size: int) -> dict:
-    """A small evaluation set in memory, in file order::
+    """A small evaluation set in memory, in file order, bad records left out::
 
     {"image": uint8 [N, S, S, 3], "tokens": int32 [N, L], "caption": [N] str,
      "labels": {name: int64 [N]}}  (labels when the records carry them)
     """
     decoder = DecodeExample(tokenizer, image_size)
-    recs = read_all(files)
-    examples = [decoder.from_record(r) for r in recs]
+    examples, recs = [], []
+    for record in read_all(files):
+        try:
+            examples.append(decoder(record))
+        except skips.BadRecord:
+            continue
+        recs.append(record)
     label_names = recs[0].get("labels", {}) if recs else {}
     return {
         "image": np.stack([e["image"] for e in examples]),
@@ -96,3 +220,34 @@ def load_eval_set(files: Sequence[str], tokenizer: Tokenizer, image_size: int) -
         "caption": [r["caption"] for r in recs],
         "labels": {n: np.asarray([r["labels"][n] for r in recs]) for n in label_names},
     }
+
+
+def from_config(
+    data_config,
+    files: Sequence[str],
+    tokenizer: Tokenizer,
+    image_size: int,
+    local_batch_size: int,
+    counter: skips.SkipCounter,
+) -> grain.DatasetIterator:
+    """The training iterator ``config.data`` describes (``format``: "array_record" or "webdataset")."""
+    crop = None
+    if data_config.random_crop:
+        crop = Crop(tuple(data_config.crop_scale), tuple(data_config.crop_ratio))
+    common = dict(
+        tokenizer=tokenizer,
+        image_size=image_size,
+        local_batch_size=local_batch_size,
+        seed=data_config.shuffle_seed,
+        num_workers=data_config.num_workers,
+        crop=crop,
+        counter=counter,
+        stall_timeout_s=data_config.stall_timeout_s,
+    )
+    if data_config.format == "array_record":
+        return train_iterator(files, **common)
+    if data_config.format == "webdataset":
+        from clip_jax.data import webdataset  # imports this module
+
+        return webdataset.train_iterator(files, shuffle_buffer=data_config.shuffle_buffer, **common)
+    raise ValueError(f"config.data.format={data_config.format!r}: use 'array_record' or 'webdataset'")

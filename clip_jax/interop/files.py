@@ -1,0 +1,160 @@
+"""Weights on disk: the three export formats, and loading any of them (plus torch ``.pt``).
+
+Formats (all float32 safetensors):
+
+- ``hf``: a transformers ``CLIPModel`` directory, ``config.json`` + ``model.safetensors``.
+- ``open_clip``: ``open_clip_model.safetensors``, OpenAI's state-dict names.
+- ``params``: ``params.safetensors`` with clip_jax's own '/'-joined parameter paths,
+  and ``clip_config.json`` (the `CLIPConfig`), for inference with clip_jax.
+
+`load` takes any of these (or a torch state dict) and returns (CLIPConfig, params).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from clip_jax.interop import hf, mapping, openai
+from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.text import TextConfig
+from clip_jax.models.vit import VisionConfig
+
+FORMATS = ("hf", "open_clip", "params")
+HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+PARAMS_WEIGHTS, PARAMS_CONFIG = "params.safetensors", "clip_config.json"
+
+Progress = Callable[[Iterable], Iterable]  # e.g. tqdm.tqdm; wraps the per-tensor loop
+
+
+def _no_progress(items: Iterable) -> Iterable:
+    return items
+
+
+def config_to_dict(config: CLIPConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> CLIPConfig:
+    fields = {f.name for f in dataclasses.fields(CLIPConfig)}
+    rest = {k: v for k, v in d.items() if k in fields and k not in ("vision", "text")}
+    return CLIPConfig(vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]), **rest)
+
+
+def _has_bias(params: Mapping) -> bool:
+    return "logit_bias" in params
+
+
+def external_tensors(
+    params: Mapping, config: CLIPConfig, fmt: str, progress: Progress = _no_progress
+) -> dict[str, np.ndarray]:
+    """clip_jax params -> the named float32 tensors of ``fmt`` ("hf", "open_clip" or "params")."""
+    if fmt == "params":
+        flat = mapping.flatten(mapping.stack_free(params))
+        return {k: mapping.contiguous(flat[k]) for k in progress(sorted(flat))}
+    if fmt == "hf":
+        if _has_bias(params):  # HF's CLIPModel has no logit bias; the embeddings do not need it
+            params = {k: v for k, v in params.items() if k != "logit_bias"}
+        return mapping.to_external(params, progress(hf.tensor_maps(config)))
+    if fmt == "open_clip":
+        return mapping.to_external(params, progress(openai.tensor_maps(config, _has_bias(params))))
+    raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")
+
+
+def save(
+    out: str,
+    params: Mapping,
+    config: CLIPConfig,
+    fmt: str,
+    *,
+    eos_id: int,
+    bos_id: int,
+    progress: Progress = _no_progress,
+) -> tuple[str, dict[str, np.ndarray]]:
+    """Writes ``params`` in ``fmt`` under the directory ``out``; returns (weights file, tensors)."""
+    tensors = external_tensors(params, config, fmt, progress)
+    os.makedirs(out, exist_ok=True)
+    if fmt == "hf":
+        path = os.path.join(out, HF_WEIGHTS)
+        logit_scale = float(np.asarray(params["logit_scale"]))
+        _write_json(os.path.join(out, HF_CONFIG), hf.hf_config(config, logit_scale, eos_id, bos_id))
+        save_file(tensors, path, metadata={"format": "pt"})  # transformers insists on "pt"
+    elif fmt == "open_clip":
+        path = os.path.join(out, OPEN_CLIP_WEIGHTS)
+        save_file(tensors, path, metadata={"format": "pt"})
+    else:
+        path = os.path.join(out, PARAMS_WEIGHTS)
+        meta = {"format": "clip_jax.params", "eos_id": eos_id, "bos_id": bos_id}
+        _write_json(os.path.join(out, PARAMS_CONFIG), {**meta, "config": config_to_dict(config)})
+        save_file(tensors, path, metadata={"format": "clip_jax"})
+    return path, tensors
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+    """A safetensors file, or a torch state dict (``.pt``/``.bin``/JIT archive; needs torch)."""
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    import torch  # optional: only for PyTorch pickles
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError:  # OpenAI's original downloads are TorchScript archives
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    if isinstance(state, dict) and "state_dict" in state:  # open_clip's training checkpoints
+        state = state["state_dict"]
+    tensors = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")  # saved from DistributedDataParallel
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().float().numpy()
+    return tensors
+
+
+def _unexpected(tensors: Mapping, maps: Iterable[mapping.TensorMap], ignored) -> list[str]:
+    used = {m.key for m in maps}
+    return sorted(k for k in tensors if k not in used and not ignored.search(k))
+
+
+def load(path: str, **openai_options: Any) -> tuple[CLIPConfig, dict]:
+    """(CLIPConfig, params as nested float32 numpy) from an export directory or a weights file.
+
+    ``path``: an HF directory (``config.json`` + ``model.safetensors``), a ``params``
+    directory, or an OpenAI/open_clip state dict (directory holding
+    ``open_clip_model.safetensors``, or the file: ``.safetensors``/``.pt``/``.bin``).
+    ``openai_options`` (vision_heads, text_heads, activation) go to `openai.clip_config`.
+    """
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, PARAMS_CONFIG)):
+            with open(os.path.join(path, PARAMS_CONFIG)) as f:
+                config = config_from_dict(json.load(f)["config"])
+            flat = load_file(os.path.join(path, PARAMS_WEIGHTS))
+            return config, mapping.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+        if os.path.exists(os.path.join(path, HF_CONFIG)):
+            with open(os.path.join(path, HF_CONFIG)) as f:
+                config = hf.clip_config(json.load(f))
+            tensors = read_tensors(os.path.join(path, HF_WEIGHTS))
+            maps = hf.tensor_maps(config)
+            if extra := _unexpected(tensors, maps, hf.IGNORED):
+                raise ValueError(f"{path}: tensors clip_jax has no place for: {extra[:5]}")
+            return config, mapping.from_external(tensors, maps)
+        path = os.path.join(path, OPEN_CLIP_WEIGHTS)
+    tensors = read_tensors(path)
+    if "visual.conv1.weight" not in tensors:
+        raise ValueError(f"{path}: not an OpenAI/open_clip ViT state dict (no visual.conv1.weight)")
+    config = openai.clip_config(tensors, **openai_options)
+    maps = openai.tensor_maps(config, "logit_bias" in tensors)
+    if extra := _unexpected(tensors, maps, openai.IGNORED):
+        raise ValueError(f"{path}: tensors clip_jax has no place for: {extra[:5]}")
+    return config, mapping.from_external(tensors, maps)

@@ -1,0 +1,45 @@
+"""Convert an image folder + a caption table (CSV, TSV or parquet) to clip_jax ArrayRecord shards.
+
+    python data_pipelines/folder_to_array_record.py --table=captions.csv --image_dir=images \
+        --out_dir=shards --prefix=train --image_column=file --caption_column=caption
+
+The table names each image (a path relative to ``--image_dir``) and its
+caption, optionally an integer label. Parquet needs pyarrow. Rerunning skips
+finished shards; the summary goes to ``OUT_DIR/PREFIX-stats.json``.
+"""
+
+from absl import app, flags
+
+from clip_jax.data import convert
+
+_TABLE = flags.DEFINE_string("table", None, ".csv, .tsv or .parquet file.", required=True)
+_IMAGE_DIR = flags.DEFINE_string("image_dir", ".", "Directory the image column is relative to.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the ArrayRecord shards go.", required=True)
+_PREFIX = flags.DEFINE_string("prefix", "train", "Output file name prefix.")
+_IMAGE_COL = flags.DEFINE_string("image_column", "file", "Column with the image path.")
+_CAPTION_COL = flags.DEFINE_string("caption_column", "caption", "Column with the caption.")
+_LABEL_COL = flags.DEFINE_string("label_column", None, "Optional column with an integer label.")
+_ROWS = flags.DEFINE_integer("rows_per_shard", 10_000, "Rows per output shard.")
+_SIZE = flags.DEFINE_integer("size", 256, "Short side of the stored images (never enlarged).")
+_PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes (one shard each).")
+
+
+def main(argv):
+    del argv
+    tasks = convert.folder_tasks(
+        _TABLE.value,
+        _IMAGE_DIR.value,
+        _OUT_DIR.value,
+        _PREFIX.value,
+        rows_per_shard=_ROWS.value,
+        image_column=_IMAGE_COL.value,
+        caption_column=_CAPTION_COL.value,
+        label_column=_LABEL_COL.value,
+    )
+    opts = convert.Options(size=_SIZE.value)
+    stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
+    print(convert.summary_line(stats))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,34 @@
+"""Convert webdataset tar shards (img2dataset's layout) to clip_jax ArrayRecord shards.
+
+    python data_pipelines/webdataset_to_array_record.py --input='laion/{00000..00099}.tar' \
+        --out_dir=shards --prefix=train --size=256 --num_processes=16
+
+One output shard per input tar (``OUT_DIR/PREFIX-i-of-n.array_record``);
+images re-encoded as JPEG with the short side reduced to ``--size``; bad
+samples skipped and counted by reason. Rerunning skips finished shards. The
+summary goes to ``OUT_DIR/PREFIX-stats.json``.
+"""
+
+from absl import app, flags
+
+from clip_jax.data import convert, records
+
+_INPUT = flags.DEFINE_string("input", None, "Glob(s) of .tar shards, comma-separated.", required=True)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the ArrayRecord shards go.", required=True)
+_PREFIX = flags.DEFINE_string("prefix", "train", "Output file name prefix.")
+_SIZE = flags.DEFINE_integer("size", 256, "Short side of the stored images (never enlarged).")
+_QUALITY = flags.DEFINE_integer("quality", 95, "JPEG quality.")
+_PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes (one shard each).")
+
+
+def main(argv):
+    del argv
+    shards = records.expand(_INPUT.value, "--input")
+    tasks = convert.webdataset_tasks(shards, _OUT_DIR.value, _PREFIX.value)
+    opts = convert.Options(size=_SIZE.value, quality=_QUALITY.value)
+    stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
+    print(convert.summary_line(stats))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -15,6 +15,7 @@ NO_WEIGHT_DECAY = (
     r"pos_embedding$",
     r"class_token$",
     r"^logit_scale$",
+    r"^logit_bias$",
 )
 
 
@@ -25,6 +26,9 @@ def base_config() -> ConfigDict:
             "variant": "ViT-B/16",  # a key of clip_jax.models.clip.VARIANTS
             "dtype": "bfloat16",  # compute dtype; parameters and optimizer state stay float32
             "context_length": config_dict.placeholder(int),  # None: the variant's
+            "patch_dropout": 0.0,  # FLIP: share of image patches dropped in training
+            "remat": "none",  # "none" | "full" | "dots": recompute block activations in backward
+            "scan": False,  # nn.scan over each tower's blocks (faster compiles; stacked params)
         }
     )
     c.data = ConfigDict(
@@ -64,7 +68,11 @@ def base_config() -> ConfigDict:
             "total_steps": 10_000,
             "seed": 0,
             "log_every": 100,
+            # softmax (local rows x gathered columns) | softmax_ring | softmax_dense |
+            # sigmoid_ring | sigmoid_dense (SigLIP; adds a learnable logit bias)
             "loss": "softmax",
+            # Micro-batches per step; the gradient stays the whole batch's (all negatives).
+            "accum_steps": 1,
         }
     )
     c.eval = ConfigDict({"batch_size": 256})

@@ -1,15 +1,27 @@
-"""Contrastive losses over the GLOBAL batch.
+"""Contrastive losses over the GLOBAL batch: softmax (CLIP's InfoNCE) and sigmoid (SigLIP).
 
-`softmax_contrastive` is the plain computation on whole arrays (the reference).
-`make_softmax_contrastive(mesh)` is what the train step uses: inside
-``shard_map`` each device gathers the embeddings of the whole batch (the
-gather keeps its gradient: its transpose is a reduce-scatter) and computes
-only its own rows against all columns, open_clip's ``--local-loss
---gather-with-grad``. Its memory is O(b * B) per device instead of O(B^2).
+Every loss has the signature ``(image_emb [B, E], text_emb [B, E], scale [], bias [])
+-> (loss [], {"i2t_acc": [], "t2i_acc": []})`` where ``scale`` is exp(logit_scale),
+``bias`` the SigLIP logit bias (ignored by softmax) and the accuracies in-batch top-1.
+
+Three ways to compute the same numbers, picked by ``config.train.loss``:
+
+- dense (`softmax_contrastive`, `sigmoid_contrastive`): plain arrays, the whole
+  [B, B] logit matrix. The reference; fine for small batches.
+- local rows (``"softmax"``): inside ``shard_map`` every device gathers all
+  embeddings (the gather's transpose is a reduce-scatter, so gradients flow)
+  and computes its own rows against all columns: open_clip's
+  ``--local-loss --gather-with-grad``. Memory O(b * B) per device.
+- ring (``"softmax_ring"``, ``"sigmoid_ring"``, in `clip_jax.ring_loss`): text
+  chunks travel round the devices with ``ppermute`` while each device keeps its
+  images; the softmax normalisers are accumulated online (log-sum-exp), and the
+  backward pass is a second ring. Memory O(b^2 + b * E) per device: it grows
+  with the local batch b = B / devices, not with the global one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -18,10 +30,15 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from clip_jax import ring_loss
 from clip_jax.sharding import BATCH_AXES
 
-# (image_emb [B, E], text_emb [B, E], scale []) -> (loss [], metrics {name: []})
-LossFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# (image_emb [B, E], text_emb [B, E], scale [], bias []) -> (loss [], metrics {name: []})
+LossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+# SigLIP's initialisation (Zhai et al. 2023): logits t * x.y + b with t = 10, b = -10.
+SIGMOID_LOGIT_SCALE_INIT = math.log(10.0)
+SIGMOID_LOGIT_BIAS_INIT = -10.0
 
 
 def _row_terms(queries, keys, scale, labels):
@@ -35,17 +52,31 @@ def _row_terms(queries, keys, scale, labels):
     return ce, hits
 
 
-def softmax_contrastive(image_emb, text_emb, scale):
-    """Symmetric InfoNCE: mean of image->text and text->image cross-entropy.
+def softmax_contrastive(image_emb, text_emb, scale, bias=None):
+    """Symmetric InfoNCE: mean of image->text and text->image cross-entropy (dense reference).
 
-    image_emb, text_emb: [B, E] unit-norm; scale: [] (exp of the logit scale).
-    Returns (loss, {"i2t_acc", "t2i_acc"}), accuracies being in-batch top-1.
+    image_emb, text_emb: [B, E] unit-norm; scale: [] (exp of the logit scale); bias unused.
     """
+    del bias
     labels = jnp.arange(image_emb.shape[0])
     i2t, i2t_hits = _row_terms(image_emb, text_emb, scale, labels)
     t2i, t2i_hits = _row_terms(text_emb, image_emb, scale, labels)
     loss = 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
     return loss, {"i2t_acc": jnp.mean(i2t_hits), "t2i_acc": jnp.mean(t2i_hits)}
+
+
+def sigmoid_contrastive(image_emb, text_emb, scale, bias):
+    """SigLIP: -1/B sum_ij log sigmoid(z_ij (scale x_i.y_j + bias)), z = +1 on the diagonal, else -1.
+
+    image_emb, text_emb: [B, E]; scale, bias: []. Dense reference.
+    """
+    logits = scale * jnp.dot(image_emb, text_emb.T) + bias  # [B, B]
+    signs = 2.0 * jnp.eye(logits.shape[0]) - 1.0
+    loss = -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
+    labels = jnp.arange(logits.shape[0])
+    i2t = jnp.mean((jnp.argmax(logits, axis=1) == labels).astype(jnp.float32))
+    t2i = jnp.mean((jnp.argmax(logits, axis=0) == labels).astype(jnp.float32))
+    return loss, {"i2t_acc": i2t, "t2i_acc": t2i}
 
 
 def make_softmax_contrastive(mesh: Mesh) -> LossFn:
@@ -64,10 +95,24 @@ def make_softmax_contrastive(mesh: Mesh) -> LossFn:
         return loss, {"i2t_acc": total(i2t_hits), "t2i_acc": total(t2i_hits)}
 
     batch = P(BATCH_AXES)
-    return jax.shard_map(local_loss, mesh=mesh, in_specs=(batch, batch, P()), out_specs=(P(), P()))
+    mapped = jax.shard_map(local_loss, mesh=mesh, in_specs=(batch, batch, P()), out_specs=(P(), P()))
+    return lambda image_emb, text_emb, scale, bias=None: mapped(image_emb, text_emb, scale)
 
 
-BUILDERS: dict[str, Callable[[Mesh], LossFn]] = {"softmax": make_softmax_contrastive}
+def _dense(fn: LossFn) -> Callable[[Mesh], LossFn]:
+    return lambda mesh: fn
+
+
+BUILDERS: dict[str, Callable[[Mesh], LossFn]] = {
+    "softmax": make_softmax_contrastive,
+    "softmax_dense": _dense(softmax_contrastive),
+    "softmax_ring": ring_loss.make_ring_softmax,
+    "sigmoid_dense": _dense(sigmoid_contrastive),
+    "sigmoid_ring": ring_loss.make_ring_sigmoid,
+}
+
+# Losses whose model carries SigLIP's learnable bias (and its temperature init).
+SIGMOID_LOSSES = ("sigmoid_dense", "sigmoid_ring")
 
 
 def make_loss(name: str, mesh: Mesh) -> LossFn:

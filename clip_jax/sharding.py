@@ -31,6 +31,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "model"),
     ("vocab", "model"),
     ("kv", None),
+    ("layers", None),  # the stacked-blocks axis of nn.scan
     ("joint", None),
     ("length", None),
     ("norm", None),

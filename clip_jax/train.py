@@ -44,11 +44,26 @@ class DataSpec:
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> clip.CLIP:
-    """The model of ``config.model``; ``vocab_size`` (the tokenizer's) replaces the variant's."""
+    """The model of ``config.model``; ``vocab_size`` (the tokenizer's) replaces the variant's.
+
+    A sigmoid loss gives the model SigLIP's learnable bias and temperature init.
+    """
     variant = clip.get_variant(
         config.model.variant, vocab_size=vocab_size, context_length=config.model.context_length
     )
-    return clip.CLIP(variant, dtype=jnp.dtype(config.model.dtype))
+    if config.train.loss in losses.SIGMOID_LOSSES:
+        variant = dataclasses.replace(
+            variant,
+            logit_scale_init=losses.SIGMOID_LOGIT_SCALE_INIT,
+            logit_bias_init=losses.SIGMOID_LOGIT_BIAS_INIT,
+        )
+    return clip.CLIP(
+        variant,
+        dtype=jnp.dtype(config.model.dtype),
+        patch_dropout=config.model.patch_dropout,
+        remat=config.model.remat,
+        scan=config.model.scan,
+    )
 
 
 def init_state(model: clip.CLIP, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -78,26 +93,87 @@ def state_shardings(model: clip.CLIP, tx: optax.GradientTransformation, mesh: Me
     return abstract, shardings
 
 
+def _micro(x: jax.Array, count: int) -> jax.Array:
+    """[B, ...] -> [count, B / count, ...], micro-batch m = rows m, m + count, ...
+
+    With the batch sharded in contiguous blocks over devices, every device keeps
+    its own rows: each micro-batch takes an equal share from every device.
+    """
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+
+def _unmicro(x: jax.Array) -> jax.Array:
+    """The inverse of `_micro`: [count, B / count, ...] -> [B, ...] in the original row order."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def make_gradient_fn(model: clip.CLIP, loss_fn: losses.LossFn, accum_steps: int):
+    """``(params, images, tokens, rng) -> ((loss, stats), grads)`` over the whole global batch.
+
+    With ``accum_steps`` > 1 the batch runs as micro-batches and the gradient is still
+    the whole batch's, every pair contrasted with all B - 1 negatives (GradCache, as
+    open_clip's --accum-freq): (1) embed every micro-batch without keeping
+    activations, (2) loss and its gradient w.r.t. the embeddings over the full
+    batch, (3) re-run each micro-batch and pull its embedding gradient back to the
+    parameters. Activation memory is one micro-batch's; the cost, one extra forward.
+    """
+
+    def embed(params, images, tokens, rng):
+        out = model.apply({"params": params}, images, tokens, True, rngs={"patch_dropout": rng})
+        return out[:2]
+
+    def temperature(params):
+        return model.apply({"params": params}, method=clip.CLIP.temperature)
+
+    def whole_batch(params, images, tokens, rng):
+        def loss_of(params):
+            return loss_fn(*embed(params, images, tokens, rng), *temperature(params))
+
+        return jax.value_and_grad(loss_of, has_aux=True)(params)
+
+    def accumulated(params, images, tokens, rng):
+        images, tokens = _micro(images, accum_steps), _micro(tokens, accum_steps)
+        micro_rng = lambda m: jax.random.fold_in(rng, m)
+        embed_micro = lambda p, m: embed(p, images[m], tokens[m], micro_rng(m))
+        image_emb, text_emb = jax.lax.map(lambda m: embed_micro(params, m), jnp.arange(accum_steps))
+
+        def loss_of(image_emb, text_emb, params):
+            return loss_fn(_unmicro(image_emb), _unmicro(text_emb), *temperature(params))
+
+        (loss, stats), (d_image, d_text, grads) = jax.value_and_grad(loss_of, (0, 1, 2), has_aux=True)(
+            image_emb, text_emb, params
+        )
+
+        def pull_back(grads, m):
+            _, vjp = jax.vjp(lambda p: embed_micro(p, m), params)
+            return jax.tree.map(jnp.add, grads, vjp((d_image[m], d_text[m]))[0]), None
+
+        grads, _ = jax.lax.scan(pull_back, grads, jnp.arange(accum_steps))
+        return (loss, stats), grads
+
+    return whole_batch if accum_steps == 1 else accumulated
+
+
 def make_train_step(
     model: clip.CLIP,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     loss_fn: losses.LossFn,
+    accum_steps: int = 1,
+    seed: int = 0,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure step ``(state, batch) -> (state, metrics)``.
 
     batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L]} (global arrays).
+    The step's randomness (FLIP's patch choice) is drawn from ``seed`` and the step
+    number, so a resumed run draws what the uninterrupted one would have.
     """
+    gradient_fn = make_gradient_fn(model, loss_fn, accum_steps)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         images = transforms.normalize(batch["image"])
-
-        def loss_of(params):
-            image_emb, text_emb, scale = model.apply({"params": params}, images, batch["tokens"])
-            loss, stats = loss_fn(image_emb, text_emb, scale)
-            return loss, stats
-
-        (loss, stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates))
         stats = {
@@ -184,7 +260,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 state = init(jax.random.key(config.train.seed))
             elif primary:
                 print(f"resumed from step {int(state.step)}", flush=True)
-            step_fn = compile_train_step(make_train_step(model, tx, schedule, loss_fn), shardings, mesh)
+            step = make_train_step(model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed)
+            step_fn = compile_train_step(step, shardings, mesh)
             logger = metrics.MetricsLogger(workdir, total_steps, config.train.batch_size, primary)
             result = {"train": None}
             first_step = int(state.step) + 1

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from clip_jax import losses, sharding
 from clip_jax.data import records
-from clip_jax.models import clip
+from clip_jax.models import clip, layers
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         ("train.log_every", 1),
         ("optim.warmup_steps", 0),
         ("eval.batch_size", 1),
+        ("train.accum_steps", 1),
     ):
         section, name = field.split(".")
         value = config[section][name]
@@ -46,6 +47,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _require(
         config.model.dtype in ("float32", "bfloat16"),
         f"config.model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'",
+    )
+    _require(
+        config.model.remat in ("none", *layers.REMAT_POLICIES),
+        f"config.model.remat={config.model.remat!r}: use one of {['none', *layers.REMAT_POLICIES]}",
+    )
+    _require(
+        0.0 <= config.model.patch_dropout < 1.0,
+        f"config.model.patch_dropout={config.model.patch_dropout} must be in [0, 1)",
     )
     if not config.data.get("scenes"):
         _require(
@@ -68,6 +77,12 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         batch % ways == 0,
         f"config.train.batch_size={batch} is not divisible by the batch-sharded devices "
         f"(data x fsdp = {ways} on mesh {dict(mesh.shape)})",
+    )
+    accum = config.train.accum_steps
+    _require(
+        batch % (ways * accum) == 0,
+        f"config.train.batch_size={batch} must split into config.train.accum_steps={accum} "
+        f"micro-batches over data x fsdp = {ways} devices (a multiple of {ways * accum})",
     )
     processes = len({d.process_index for d in mesh.devices.flat})
     _require(

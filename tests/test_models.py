@@ -56,11 +56,12 @@ def test_embeddings_are_unit_norm(tiny):
     model, params = tiny
     images = jax.random.normal(jax.random.key(1), (3, 40, 40, 3))
     tokens = jnp.array([[2, 5, 6, 3] + [0] * 12] * 3)
-    image_emb, text_emb, scale = model.apply({"params": params}, images, tokens)
+    image_emb, text_emb, scale, bias = model.apply({"params": params}, images, tokens)
     assert image_emb.shape == text_emb.shape == (3, 128)
     np.testing.assert_allclose(np.linalg.norm(image_emb, axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(text_emb, axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(float(scale), 1 / 0.07, rtol=1e-5)
+    assert float(bias) == 0.0  # no SigLIP bias on a softmax-loss model
 
 
 def test_end_of_text_index_is_last_non_pad_token():

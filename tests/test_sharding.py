@@ -62,8 +62,7 @@ def grads_on(mesh_shape, devices=None):
 
         def loss_of(params):
             images = train.transforms.normalize(batch["image"])
-            image_emb, text_emb, scale = model.apply({"params": params}, images, batch["tokens"])
-            return loss_fn(image_emb, text_emb, scale)[0]
+            return loss_fn(*model.apply({"params": params}, images, batch["tokens"]))[0]
 
         loss, grads = jax.jit(jax.value_and_grad(loss_of))(state.params)
     return float(loss), jax.device_get(grads), state

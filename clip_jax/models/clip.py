@@ -30,6 +30,8 @@ class CLIPConfig:
     vision: VisionConfig
     text: TextConfig
     logit_scale_init: float = LOGIT_SCALE_INIT
+    # SigLIP's learnable logit bias; None: no bias parameter (CLIP's softmax loss).
+    logit_bias_init: float | None = None
 
 
 def _openai_text(width: int, heads: int) -> TextConfig:
@@ -70,27 +72,43 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class CLIP(nn.Module):
+    """``patch_dropout`` (FLIP, training only), ``remat`` and ``scan`` change how the
+    towers run, not their weights (``scan`` stacks each tower's blocks into one subtree)."""
+
     config: CLIPConfig
     dtype: layers.Dtype = jnp.float32
+    patch_dropout: float = 0.0
+    remat: str = "none"
+    scan: bool = False
 
     def setup(self):
         cfg = self.config
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, self.dtype)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim, self.dtype)
+        self.visual = VisionTransformer(
+            cfg.vision, cfg.embed_dim, self.dtype, self.patch_dropout, self.remat, self.scan
+        )
+        self.text = TextTransformer(cfg.text, cfg.embed_dim, self.dtype, self.remat, self.scan)
         init = nn.initializers.constant(cfg.logit_scale_init)
         self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(init, ()), ())
+        if cfg.logit_bias_init is not None:
+            init = nn.initializers.constant(cfg.logit_bias_init)
+            self.logit_bias = self.param("logit_bias", nn.with_logical_partitioning(init, ()), ())
 
-    def encode_image(self, images: jax.Array) -> jax.Array:
+    def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Normalised images [B, H, W, 3] -> unit-norm embeddings [B, embed_dim] (float32)."""
-        return _l2_normalize(self.visual(images))
+        return _l2_normalize(self.visual(images, train))
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """Token ids [B, L] -> unit-norm embeddings [B, embed_dim] (float32)."""
         return _l2_normalize(self.text(tokens))
 
-    def __call__(self, images: jax.Array, tokens: jax.Array):
-        """Returns (image_emb [B, E], text_emb [B, E], scale []) with scale = exp(logit_scale)."""
-        return self.encode_image(images), self.encode_text(tokens), jnp.exp(self.logit_scale)
+    def temperature(self) -> tuple[jax.Array, jax.Array]:
+        """(scale, bias) of the logits ``scale * x.y + bias``: scale = exp(logit_scale), bias 0 if none."""
+        bias = self.logit_bias if self.config.logit_bias_init is not None else jnp.zeros((), jnp.float32)
+        return jnp.exp(self.logit_scale), bias
+
+    def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False):
+        """Returns (image_emb [B, E], text_emb [B, E], scale [], bias [])."""
+        return self.encode_image(images, train), self.encode_text(tokens), *self.temperature()
 
 
 def clamp_logit_scale(params: dict) -> dict:

@@ -82,10 +82,11 @@ class Attention(nn.Module):
 
     num_heads: int
     out_stddev: float
+    causal: bool
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, is_causal: bool) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         """[B, L, D] -> [B, L, D]."""
         width = x.shape[-1]
         shape = (width, self.num_heads, width // self.num_heads)
@@ -94,7 +95,7 @@ class Attention(nn.Module):
             Projection("bld,dhk->blhk", shape, names, 2, width**-0.5, self.dtype, name=name)(x)
             for name in ("query", "key", "value")
         )  # [B, L, H, Dh]
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         return Projection(
             "blhk,hkd->bld",
             shape[1:] + shape[:1],
@@ -140,39 +141,84 @@ class ResidualBlock(nn.Module):
     mlp_ratio: float
     activation: str
     num_layers: int
+    causal: bool
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, is_causal: bool) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         # OpenAI's init: residual projections shrink with depth.
         out_stddev = width**-0.5 * (2 * self.num_layers) ** -0.5
         h = layer_norm("ln_1", self.dtype)(x)
-        x = x + Attention(self.num_heads, out_stddev, self.dtype, name="attn")(h, is_causal=is_causal)
+        x = x + Attention(self.num_heads, out_stddev, self.causal, self.dtype, name="attn")(h)
         h = layer_norm("ln_2", self.dtype)(x)
         mlp = Mlp(int(width * self.mlp_ratio), self.activation, out_stddev, self.dtype, name="mlp")
         x = x + mlp(h)
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
 
+class _ScanBlock(ResidualBlock):
+    """A block with ``nn.scan``'s signature ``(carry, x) -> (carry, y)``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _=None):
+        return super().__call__(x), None
+
+
+# What a rematerialised block keeps for the backward pass (``config.model.remat``).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmul outputs
+}
+
+
 class Transformer(nn.Module):
-    """A stack of ``num_layers`` residual blocks named ``block_0 ...``."""
+    """A stack of ``num_layers`` residual blocks.
+
+    Parameters are ``block_0 ... block_{L-1}``, or with ``scan`` ONE ``blocks``
+    subtree whose arrays have a leading layer axis (logical name "layers"): the
+    step then compiles one block instead of L (compile time ~L x shorter).
+    ``remat`` ("none", "full", "dots") trades recomputation for activation memory.
+    """
 
     num_layers: int
     num_heads: int
     mlp_ratio: float
     activation: str
+    causal: bool
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, is_causal: bool) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fields = (self.num_heads, self.mlp_ratio, self.activation, self.num_layers, self.causal, self.dtype)
+        block = _ScanBlock if self.scan else ResidualBlock
+        if self.remat != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        if self.scan:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return stack(*fields, name="blocks")(x, None)[0]
         for i in range(self.num_layers):
-            x = ResidualBlock(
-                self.num_heads,
-                self.mlp_ratio,
-                self.activation,
-                self.num_layers,
-                self.dtype,
-                name=f"block_{i}",
-            )(x, is_causal=is_causal)
+            x = block(*fields, name=f"block_{i}")(x)
         return x
+
+
+def unstack_layers(params: Any) -> Any:
+    """A scanned tower's params (``blocks`` with a leading layer axis) -> ``block_0 ... block_{L-1}``."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for name, value in params.items():
+        if name == "blocks":
+            count = jax.tree.leaves(value)[0].shape[0]
+            out.update({f"block_{i}": jax.tree.map(lambda x, i=i: x[i], value) for i in range(count)})
+        else:
+            out[name] = unstack_layers(value)
+    return out

@@ -40,6 +40,8 @@ class TextTransformer(nn.Module):
     config: TextConfig
     embed_dim: int
     dtype: layers.Dtype = jnp.float32
+    remat: str = "none"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -60,8 +62,16 @@ class TextTransformer(nn.Module):
         x = x + pos_embedding[: tokens.shape[1]].astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         x = layers.Transformer(
-            cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.activation, self.dtype, name="transformer"
-        )(x, is_causal=True)
+            cfg.layers,
+            cfg.heads,
+            cfg.mlp_ratio,
+            cfg.activation,
+            causal=True,
+            dtype=self.dtype,
+            remat=self.remat,
+            scan=self.scan,
+            name="transformer",
+        )(x)
         x = layers.layer_norm("ln_final", self.dtype)(x)
         x = x[jnp.arange(x.shape[0]), end_of_text_index(tokens, cfg.pad_id)]  # [B, D]
         proj = self.param(

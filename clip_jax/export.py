@@ -1,0 +1,159 @@
+"""Exports weights: ``python -m clip_jax.export --workdir=DIR --format=hf --out=OUT``.
+
+Reads a training run (``DIR/config.json`` and the orbax checkpoints under
+``DIR/checkpoints``; the latest step unless ``--step``) and writes one of:
+
+- ``hf``: a transformers ``CLIPModel`` directory (``CLIPModel.from_pretrained(OUT)``);
+- ``open_clip``: OpenAI/open_clip state-dict names, as safetensors;
+- ``params``: clip_jax's own parameter paths + ``clip_config.json``, for inference.
+
+``--weights=PATH`` instead of ``--workdir`` converts existing weights (an HF
+directory, a ``params`` export, an OpenAI/open_clip ``.safetensors``/``.pt``).
+See `clip_jax.interop` for the layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+
+from clip_jax import train
+from clip_jax.data import tokenizer as sp_tokenizer
+from clip_jax.interop import files
+from clip_jax.models import clip
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Instead of --workdir: existing weights to convert.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+_FORMAT = flags.DEFINE_enum("format", "hf", files.FORMATS, "Output layout.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+flags.mark_flags_as_required(["out"])
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run wrote to ``WORKDIR/config.json``."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The run's sentencepiece model, located as `train.resolve_data` does (without generating data)."""
+    scenes = config.data.get("scenes")
+    if scenes:
+        return os.path.join(scenes.get("dir") or os.path.join(workdir, "scenes"), "tokenizer.model")
+    return config.data.tokenizer
+
+
+def restore_params(workdir: str, model: clip.CLIP, step: int | None) -> tuple[int, Any]:
+    """(step, params) from ``WORKDIR/checkpoints``, on one device; only the params are read."""
+    rng = jax.random.key(0)
+    boxed = jax.eval_shape(lambda: model.init(rng, *clip.dummy_inputs(model.config))["params"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.meta.unbox(boxed)
+    )
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(f"{workdir}/checkpoints: no step {step} (have {manager.all_steps()})")
+        restore_args = ocp.checkpoint_utils.construct_restore_args({"params": abstract})
+        item = ocp.args.PyTreeRestore(
+            item={"params": abstract}, restore_args=restore_args, partial_restore=True
+        )
+        restored = manager.restore(step, args=ocp.args.Composite(state=item))
+    finally:
+        manager.close()
+    return step, jax.tree.map(np.asarray, restored.state["params"])
+
+
+def from_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """A run's weights: {"config": CLIPConfig, "params", "step", "tokenizer", "eos_id", "bos_id"}."""
+    config = run_config(workdir)
+    tokenizer = tokenizer_path(config, workdir)
+    context_length = train.build_model(config).config.text.context_length
+    vocab_size = sp_tokenizer.Tokenizer(tokenizer, context_length).vocab_size
+    model = train.build_model(config, vocab_size)
+    step, params = restore_params(workdir, model, step)
+    return {
+        "config": model.config,
+        "params": params,
+        "step": step,
+        "tokenizer": tokenizer,
+        "eos_id": sp_tokenizer.EOS_ID,
+        "bos_id": sp_tokenizer.BOS_ID,
+    }
+
+
+def from_weights(path: str) -> dict[str, Any]:
+    """Existing weights (any format `files.load` reads); OpenAI's BPE ids: EOS = vocab - 1."""
+    config, params = files.load(path)
+    eos_id = config.text.vocab_size - 1
+    return {"config": config, "params": params, "step": None, "eos_id": eos_id, "bos_id": eos_id - 1}
+
+
+def _progress(desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a plain counter
+        return lambda items: _counter(list(items), desc)
+    return lambda items: tqdm(list(items), desc=desc, unit="tensor")
+
+
+def _counter(items: list, desc: str):
+    for i, item in enumerate(items, 1):
+        if i == len(items) or i % 50 == 0:
+            print(f"{desc}: {i}/{len(items)}", flush=True)
+        yield item
+
+
+def export(source: dict[str, Any], fmt: str, out: str) -> dict[str, Any]:
+    """Writes ``source`` (`from_workdir`, `from_weights`) as ``fmt`` under ``out``; returns a summary."""
+    path, tensors = files.save(
+        out,
+        source["params"],
+        source["config"],
+        fmt,
+        eos_id=source["eos_id"],
+        bos_id=source["bos_id"],
+        progress=_progress(f"converting to {fmt}"),
+    )
+    if fmt == "params" and source.get("tokenizer"):  # inference needs the run's tokenizer too
+        shutil.copy(source["tokenizer"], os.path.join(out, "tokenizer.model"))
+    return {
+        "format": fmt,
+        "step": source["step"],
+        "tensors": len(tensors),
+        "params": int(sum(t.size for t in tensors.values())),
+        "bytes": os.path.getsize(path),
+        "path": path,
+    }
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if (_WORKDIR.value is None) == (_WEIGHTS.value is None):
+        raise app.UsageError("give exactly one of --workdir and --weights")
+    logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
+    source = from_workdir(_WORKDIR.value, _STEP.value) if _WORKDIR.value else from_weights(_WEIGHTS.value)
+    summary = export(source, _FORMAT.value, _OUT.value)
+    step = "" if summary["step"] is None else f" (step {summary['step']})"
+    print(
+        f"exported {summary['format']}{step}: {summary['tensors']} tensors, "
+        f"{summary['params']:,} parameters, {summary['bytes'] / 2**20:.1f} MiB -> {summary['path']}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

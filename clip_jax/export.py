@@ -95,10 +95,11 @@ def from_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
 
 
 def from_weights(path: str) -> dict[str, Any]:
-    """Existing weights (any format `files.load` reads); OpenAI's BPE ids: EOS = vocab - 1."""
+    """Existing weights (any format `files.load` reads), with the special ids they record;
+    an OpenAI/open_clip state dict records none: OpenAI's BPE has EOS = vocab - 1, BOS before it."""
     config, params = files.load(path)
-    eos_id = config.text.vocab_size - 1
-    return {"config": config, "params": params, "step": None, "eos_id": eos_id, "bos_id": eos_id - 1}
+    eos_id, bos_id = files.special_ids(path) or (config.text.vocab_size - 1, config.text.vocab_size - 2)
+    return {"config": config, "params": params, "step": None, "eos_id": eos_id, "bos_id": bos_id}
 
 
 def _progress(desc: str):

@@ -250,6 +250,28 @@ def test_round_trips_are_exact(tmp_path):
         np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
 
 
+def test_torch_checkpoints_and_conversion_between_formats(tmp_path):
+    """An open_clip training checkpoint (.pt, DDP "module." names) imports; --weights conversion
+    keeps the special ids the weights record."""
+    config = SHAPES["v96h2p14i28-t64h8-gelu"]
+    params = random_params(config, seed=3)
+    _, tensors = files.save(str(tmp_path / "oc"), params, config, "open_clip", eos_id=299, bos_id=298)
+    state = {"epoch": 1, "state_dict": {f"module.{k}": torch.tensor(v) for k, v in tensors.items()}}
+    torch.save(state, tmp_path / "epoch_1.pt")
+    loaded_config, loaded = files.load(
+        str(tmp_path / "epoch_1.pt"), vision_heads=2, text_heads=8, activation="gelu"
+    )
+    assert loaded_config == config
+    for path, value in mapping.flatten(params).items():
+        np.testing.assert_array_equal(mapping.flatten(loaded)[path], value, err_msg=path)
+
+    files.save(str(tmp_path / "p"), params, config, "params", eos_id=5, bos_id=4)
+    summary = export.export(export.from_weights(str(tmp_path / "p")), "hf", str(tmp_path / "hf"))
+    assert summary["tensors"] == len(hf.tensor_maps(config)) and summary["step"] is None
+    assert files.special_ids(str(tmp_path / "hf")) == (5, 4)
+    assert export.from_weights(str(tmp_path / "oc"))["eos_id"] == config.text.vocab_size - 1  # OpenAI's
+
+
 def test_scanned_blocks_export_as_per_block_tensors():
     """A ``transformer/blocks`` subtree with a leading layer axis exports as block_0 ... block_{L-1}."""
     config = SHAPES["v32h1p4i16-t32h2-mixed"]

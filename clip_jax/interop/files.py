@@ -127,6 +127,18 @@ def _unexpected(tensors: Mapping, maps: Iterable[mapping.TensorMap], ignored) ->
     return sorted(k for k in tensors if k not in used and not ignored.search(k))
 
 
+def special_ids(path: str) -> tuple[int, int] | None:
+    """(eos_id, bos_id) recorded with exported weights (HF or params directory), else None."""
+    for name, read in (
+        (PARAMS_CONFIG, lambda c: (c["eos_id"], c["bos_id"])),
+        (HF_CONFIG, lambda c: (c["text_config"]["eos_token_id"], c["text_config"]["bos_token_id"])),
+    ):
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                return read(json.load(f))
+    return None
+
+
 def load(path: str, **openai_options: Any) -> tuple[CLIPConfig, dict]:
     """(CLIPConfig, params as nested float32 numpy) from an export directory or a weights file.
 

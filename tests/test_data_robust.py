@@ -165,3 +165,16 @@ def test_watchdog_turns_a_hang_into_a_clear_error():
         next(it)
     assert time.monotonic() - t < 5
     assert state == {"next_index": 3}  # the state passes through
+
+
+def test_config_selects_the_reader(tmp_path, tok):
+    from clip_jax.config_defaults import base_config
+
+    files, _ = _mixed_records(tmp_path, num_good=16, bad_every=100)
+    data = base_config().data
+    counter = skips.SkipCounter()
+    it = pipeline.from_config(data, files, tok, 16, 4, counter)
+    assert next(it)["image"].shape == (4, 16, 16, 3) and counter.drawn == 4
+    data.format = "tfrecord"
+    with pytest.raises(ValueError, match="config.data.format='tfrecord'"):
+        pipeline.from_config(data, files, tok, 16, 4, counter)

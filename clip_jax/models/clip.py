@@ -122,3 +122,15 @@ def dummy_inputs(config: CLIPConfig, batch: int = 1) -> tuple[jax.Array, jax.Arr
     images = jnp.zeros((batch, size, size, 3), jnp.float32)
     tokens = jnp.zeros((batch, config.text.context_length), jnp.int32)
     return images, tokens
+
+
+def forward_flops_per_pair(config, kept_patches: int | None = None) -> float:
+    """Model FLOPs (2 x multiply-adds) of one image-text pair's forward pass (ANCHORS.md)."""
+    vision, text = config.vision, config.text
+    patches = vision.num_patches if kept_patches is None else kept_patches
+    layer = lambda n, d: 24 * n * d * d + 4 * n * n * d
+    patch_embed = 2 * patches * 3 * vision.patch_size**2 * vision.width
+    image = vision.layers * layer(patches + 1, vision.width) + patch_embed
+    text_flops = text.layers * layer(text.context_length, text.width)
+    projections = 2 * config.embed_dim * (vision.width + text.width)
+    return image + text_flops + projections

@@ -1,54 +1,290 @@
 """Checkpoints: the train state and the Grain iterator position, saved together.
 
 One orbax ``CheckpointManager`` under ``WORKDIR/checkpoints`` holds, per step,
-the sharded train state (params, optimizer state, step) and each process's
-data-iterator state, so a restarted run continues with exactly the batches the
-interrupted one would have seen. Saves are asynchronous (arrays are copied to
-host before ``save`` returns; the writing happens in the background) and
-committed atomically by orbax; a run resumes from the latest complete step.
+the sharded train state (params, optimizer state, step), each process's
+data-iterator state and a fingerprint of the data config, so a restarted run
+continues with exactly the batches the interrupted one would have seen. Saves
+are asynchronous (arrays are copied to host before ``save`` returns; the
+writing happens in the background) and committed atomically by orbax.
+
+What orbax does not do, done here:
+
+- Integrity. Once a step is committed, process 0 writes ``checksums.json``
+  (sha256 and size of every file) into its directory, last: it is also the
+  mark that the step was confirmed complete. A restore verifies the latest
+  step; a damaged one (flipped bytes, truncated or missing file, no manifest)
+  is logged with the reason, moved to ``checkpoints_damaged/`` and the run
+  falls back to the previous intact step.
+- A non-finite state is never saved: the loss, gradient and parameter norms
+  are checked before each save; a non-finite one stops the run with an error.
+- Preemption: ``reached_preemption(step)`` is orbax's sync point (all
+  processes agree on the step to save at after a SIGTERM); it needs
+  ``jax.distributed`` initialised, which ``main.py`` does even on one host.
+- A changed data config (files, seed, batch size, process count, image size,
+  tokenizer) refuses to resume unless ``allow_data_change`` says so.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+
 import grain
 import jax
+import ml_collections
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+MANIFEST = "checksums.json"
+
+
+class NonFiniteError(FloatingPointError):
+    """The training state went non-finite; it was not saved."""
+
+
+class DataChangedError(ValueError):
+    """The run's data config differs from the one the checkpoint was saved with."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: str) -> list[str]:
+    """Paths of every file under ``root`` (relative, sorted), the manifest excluded."""
+    found = []
+    for parent, _, names in os.walk(root):
+        found += [os.path.relpath(os.path.join(parent, n), root) for n in names]
+    return sorted(f for f in found if f != MANIFEST)
+
+
+def write_manifest(step_dir: str) -> None:
+    """``step_dir/checksums.json``: {relative path: {"sha256", "size"}}, written atomically."""
+    manifest = {}
+    for name in _files(step_dir):
+        path = os.path.join(step_dir, name)
+        manifest[name] = {"sha256": _sha256(path), "size": os.path.getsize(path)}
+    tmp = os.path.join(step_dir, f".{MANIFEST}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def damage(step_dir: str) -> str | None:
+    """Why ``step_dir`` cannot be trusted, or None when every file matches its manifest."""
+    try:
+        with open(os.path.join(step_dir, MANIFEST)) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return f"no {MANIFEST}: the save was never confirmed complete"
+    except ValueError as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for name, expected in manifest.items():
+        path = os.path.join(step_dir, name)
+        if not os.path.exists(path):
+            return f"{name} is missing"
+        size = os.path.getsize(path)
+        if size != expected["size"]:
+            return f"{name} is {size} bytes, {expected['size']} when saved (truncated?)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name}: sha256 differs from the one recorded at save (corrupted bytes)"
+    return None
+
+
+def _tokenizer_hash(path: str) -> str:
+    """sha256 of the tokenizer file (or of every file of a tokenizer directory)."""
+    if os.path.isdir(path):
+        digest = hashlib.sha256()
+        for name in _files(path):
+            digest.update(f"{name}:{_sha256(os.path.join(path, name))};".encode())
+        return digest.hexdigest()
+    return _sha256(path) if os.path.exists(path) else path
+
+
+def data_fingerprint(
+    data: ml_collections.ConfigDict,
+    train_files: list[str],
+    tokenizer: str,
+    batch_size: int,
+    image_size: int,
+) -> dict:
+    """What decides the sequence of batches. Files by name (a moved dataset may resume)."""
+    return {
+        "train_files": [os.path.basename(f) for f in train_files],
+        "format": data.format,
+        "shuffle_seed": data.shuffle_seed,
+        "batch_size": batch_size,
+        "process_count": jax.process_count(),
+        "image_size": image_size,
+        "tokenizer_sha256": _tokenizer_hash(tokenizer),
+    }
+
+
+def data_changes(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two fingerprints ([] when equal)."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if key == "train_files" and old is not None and new is not None:
+            added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+            detail = f"added {added[:3]}, removed {removed[:3]}" if added or removed else "reordered"
+            changes.append(f"train_files: {len(old)} -> {len(new)} files ({detail})")
+        else:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes
+
+
+_global_norm = jax.jit(optax.global_norm)
+
+
+def check_finite(step: int, state, step_metrics: dict | None, latest: int | None) -> None:
+    """Raises NonFiniteError (after saying so) when the loss, grads or params are not finite.
+
+    The metrics and the norm are replicated: every process takes the same decision.
+    """
+    values = {k: step_metrics[k] for k in ("loss", "grad_norm") if step_metrics and k in step_metrics}
+    values["param_norm"] = _global_norm(state.params)
+    values = {k: float(v) for k, v in jax.device_get(values).items()}
+    if all(np.isfinite(v) for v in values.values()):
+        return
+    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+    print(f"checkpoint: NOT saving step {step}: non-finite state ({shown})", flush=True)
+    raise NonFiniteError(
+        f"training diverged: non-finite {shown} at step {step}; nothing saved for it, "
+        f"the last good checkpoint is step {latest}"
+    )
 
 
 class Checkpoints:
-    def __init__(self, directory: str, every: int, keep: int):
+    """``config``: the ``checkpoint`` section (every, keep, keep_period, allow_data_change)."""
+
+    def __init__(self, directory: str, config: ml_collections.ConfigDict, fingerprint: dict):
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True
+            save_interval_steps=config.every,
+            max_to_keep=config.keep,
+            keep_period=config.get("keep_period"),
+            enable_async_checkpointing=True,
         )
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+        self.fingerprint = fingerprint
+        self.allow_data_change = config.get("allow_data_change", False)
+        self._unconfirmed: list[int] = []  # saved by this run, no manifest yet
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step every process agreed to save at after a preemption notice (SIGTERM)."""
+        return self.manager.reached_preemption(step)
+
     def restore(self, abstract_state, shardings, iterator):
-        """The latest saved state (placed with ``shardings``), or None; ``iterator`` is repositioned."""
-        step = self.manager.latest_step()
+        """The latest intact state (placed with ``shardings``), or None; ``iterator`` is repositioned."""
+        step = self._latest_intact_step()
         if step is None:
             return None
+        restore_data = self._check_data(step)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
         )
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)
-            ),
-        )
-        return restored.state
+        items = {"state": ocp.args.StandardRestore(target)}
+        if restore_data:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
-    def save(self, step: int, state, iterator, force: bool = False) -> bool:
-        """Saves when ``step`` is on the cadence (or ``force``); returns whether it saved."""
+    def save(self, step: int, state, iterator, step_metrics=None, force: bool = False) -> bool:
+        """Saves when ``step`` is on the cadence (or ``force``); returns whether it saved.
+
+        Raises NonFiniteError instead of saving a non-finite state.
+        """
+        if not (force or self.manager.should_save(step)):
+            return False
+        check_finite(step, state, step_metrics, self.latest_step())
+        self._confirm()  # the previous save: waits for it, then writes its manifest
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(self.fingerprint),
         )
-        return self.manager.save(step, args=args, force=force)
+        saved = self.manager.save(step, args=args, force=True)
+        if saved:
+            self._unconfirmed.append(step)
+        return saved
 
     def close(self) -> None:
-        """Waits for background writes; a failed write raises here."""
-        self.manager.wait_until_finished()
+        """Waits for background writes (a failed write raises here) and confirms them."""
+        self._confirm()
         self.manager.close()
+
+    def _confirm(self) -> None:
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._unconfirmed:
+                if os.path.isdir(self.step_dir(step)):  # (the keep policy may have deleted it)
+                    write_manifest(self.step_dir(step))
+        self._unconfirmed = []
+
+    def _latest_intact_step(self) -> int | None:
+        """Process 0 verifies steps newest first, moving damaged ones aside; all agree on the result."""
+        chosen = -1
+        if jax.process_index() == 0:
+            for step in sorted(self.manager.all_steps(), reverse=True):
+                reason = damage(self.step_dir(step))
+                if reason is None:
+                    chosen = step
+                    break
+                moved = self._move_aside(step)
+                print(f"checkpoint step {step} is damaged: {reason}; moved to {moved}", flush=True)
+        if jax.process_count() > 1:
+            chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+            multihost_utils.sync_global_devices("clip_jax checkpoint verified")
+        self.manager.reload()
+        if chosen >= 0 and chosen != self.manager.latest_step():
+            raise RuntimeError(f"checkpoint step {chosen} verified but orbax sees {self.manager.all_steps()}")
+        return None if chosen < 0 else chosen
+
+    def _move_aside(self, step: int) -> str:
+        target = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged", str(step))
+        suffix = 0
+        while os.path.exists(target + (f".{suffix}" if suffix else "")):
+            suffix += 1
+        target += f".{suffix}" if suffix else ""
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(self.step_dir(step), target)
+        return target
+
+    def _check_data(self, step: int) -> bool:
+        """Raises DataChangedError on a changed data config; returns whether to restore the iterator."""
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except (FileNotFoundError, KeyError, ValueError):
+            print(f"checkpoint step {step} has no data fingerprint; not checked", flush=True)
+            return True
+        changes = data_changes(saved, self.fingerprint)
+        if not changes:
+            return True
+        what = "; ".join(changes)
+        if not self.allow_data_change:
+            raise DataChangedError(
+                f"checkpoint step {step} in {self.directory} was saved with another data config ({what}). "
+                "Resuming would train on other batches than the interrupted run. Use a new --workdir, or "
+                "pass --config.checkpoint.allow_data_change=True to resume anyway."
+            )
+        print(f"checkpoint: resuming with a changed data config, as allowed: {what}", flush=True)
+        # A Grain position saved by another number of processes cannot be restored.
+        return saved.get("process_count") == self.fingerprint["process_count"]

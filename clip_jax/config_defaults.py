@@ -76,8 +76,17 @@ def base_config() -> ConfigDict:
         }
     )
     c.eval = ConfigDict({"batch_size": 256})
-    # Train state + data position under WORKDIR/checkpoints; a run resumes from the latest.
-    c.checkpoint = ConfigDict({"every": 1000, "keep": 3})
+    # Train state + data position under WORKDIR/checkpoints; a run resumes from the latest
+    # intact step. keep: the last K; keep_period M: every M-th step is kept too (None: no).
+    # allow_data_change: resume even when the data config differs from the checkpoint's.
+    c.checkpoint = ConfigDict(
+        {
+            "every": 1000,
+            "keep": 3,
+            "keep_period": config_dict.placeholder(int),
+            "allow_data_change": False,
+        }
+    )
     return c
 
 

@@ -250,8 +250,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             config.train.batch_size // jax.process_count(),
             skipped,
         )
+        image_size, batch_size = model.config.vision.image_size, config.train.batch_size
+        fingerprint = checkpoint.data_fingerprint(
+            config.data, data.train_files, data.tokenizer, batch_size, image_size
+        )
         checkpoints = checkpoint.Checkpoints(
-            os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.keep
+            os.path.join(workdir, "checkpoints"), config.checkpoint, fingerprint
         )
         try:
             state = checkpoints.restore(abstract, shardings, batches)
@@ -263,7 +267,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             step = make_train_step(model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed)
             step_fn = compile_train_step(step, shardings, mesh)
             logger = metrics.MetricsLogger(workdir, total_steps, config.train.batch_size, primary)
-            result = {"train": None}
+            result, step_metrics, preempted = {"train": None}, None, False
             first_step = int(state.step) + 1
             for step in range(first_step, total_steps + 1):
                 state, step_metrics = step_fn(state, sharding.to_global(next(batches), mesh))
@@ -271,13 +275,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     result["train"] = logger.write(step, step_metrics)
                     if skipped.total_skipped:
                         print(f"data (process {jax.process_index()}): {skipped.as_dict()}", flush=True)
-                checkpoints.save(step, state, batches)
-            if checkpoints.latest_step() != total_steps:
-                checkpoints.save(total_steps, state, batches, force=True)
+                # After a SIGTERM every process reaches the same agreed step: save there and stop.
+                preempted = checkpoints.reached_preemption(step)
+                checkpoints.save(step, state, batches, step_metrics, force=preempted)
+                if preempted:
+                    print(f"preempted: saved step {step}, exiting", flush=True)
+                    break
+            if not preempted and checkpoints.latest_step() != total_steps:
+                checkpoints.save(total_steps, state, batches, step_metrics, force=True)
         finally:
             checkpoints.close()
         result["state"] = state
-        if data.scenes is not None:
+        result["preempted"] = preempted
+        if data.scenes is not None and not preempted:
             result["eval"] = evaluate.evaluate_scenes(
                 model, state.params, tokenizer, data.scenes, config.eval.batch_size, mesh
             )

@@ -1,13 +1,18 @@
-"""Checkpoints: a run interrupted mid-way and restarted ends bitwise equal to an uninterrupted one."""
+"""Checkpoints: exact resume after a crash; integrity checks and fallback; non-finite states
+never saved; data-config fingerprints; retention; restore on another topology."""
 
+import json
 import pathlib
 
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_config
+from jax.sharding import NamedSharding, PartitionSpec
 
-from clip_jax import train
+from clip_jax import checkpoint, sharding, train
 
 
 def small_demo(scenes_dataset):
@@ -62,3 +67,145 @@ def test_interrupted_run_resumes_bitwise_equal(tmp_path, scenes_dataset, monkeyp
     # The restarted run logged steps 4..9 only: it did not redo 1..3.
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 5 + 6
+
+
+# --- Unit tests on a toy state: integrity, non-finite states, data fingerprint, retention ---
+
+FINGERPRINT = {"train_files": ["a.array_record", "b.array_record"], "shuffle_seed": 0, "batch_size": 32}
+
+
+def checkpoint_config(**overrides):
+    config = load_config("demo").checkpoint
+    config.update(every=2, keep=3, **overrides)
+    return config
+
+
+def toy_iterator():
+    return iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
+
+
+def toy_state(step, mesh, value=None):
+    """A TrainState of a few sharded arrays; ``value`` fills the params (default: the step)."""
+    fsdp = NamedSharding(mesh, PartitionSpec("fsdp"))
+    w = jnp.arange(64, dtype=jnp.float32) + (step if value is None else value)
+    params = {"w": jax.device_put(w, fsdp), "b": jnp.float32(step)}
+    return train.TrainState(
+        step=jnp.int32(step), params=params, opt_state={"mu": jax.device_put(w * 2, fsdp)}
+    )
+
+
+def abstract_and_shardings(mesh):
+    state = jax.eval_shape(lambda: toy_state(0, mesh))
+    shardings = jax.tree.map(lambda x: x.sharding, toy_state(0, mesh))
+    return state, shardings
+
+
+def save_steps(directory, steps, mesh, fingerprint=FINGERPRINT, **config):
+    checkpoints = checkpoint.Checkpoints(str(directory), checkpoint_config(**config), fingerprint)
+    iterator = toy_iterator()
+    for step in steps:
+        next(iterator)
+        checkpoints.save(step, toy_state(step, mesh), iterator, {"loss": jnp.float32(1.0)}, force=True)
+    checkpoints.close()
+    return checkpoints
+
+
+def restore(directory, mesh, fingerprint=FINGERPRINT, **config):
+    checkpoints = checkpoint.Checkpoints(str(directory), checkpoint_config(**config), fingerprint)
+    iterator = toy_iterator()
+    try:
+        state = checkpoints.restore(*abstract_and_shardings(mesh), iterator)
+    finally:
+        checkpoints.close()
+    return state, next(iterator)
+
+
+@pytest.fixture
+def mesh8():
+    return sharding.make_mesh({"data": 1, "fsdp": -1, "model": 1})
+
+
+def test_each_committed_step_has_a_manifest_of_its_files(tmp_path, mesh8):
+    save_steps(tmp_path / "ckpt", [2, 4], mesh8)
+    for step in (2, 4):
+        manifest = json.loads((tmp_path / "ckpt" / str(step) / checkpoint.MANIFEST).read_text())
+        files = {
+            str(p.relative_to(tmp_path / "ckpt" / str(step)))
+            for p in (tmp_path / "ckpt" / str(step)).rglob("*")
+        }
+        assert set(manifest) == {f for f in files if (tmp_path / "ckpt" / str(step) / f).is_file()} - {
+            "checksums.json"
+        }
+        assert any(name.startswith("state/") for name in manifest) and any("data" in n for n in manifest)
+    state, next_batch = restore(tmp_path / "ckpt", mesh8)
+    assert int(state.step) == 4 and float(state.params["b"]) == 4.0
+    np.testing.assert_array_equal(next_batch, [8, 9, 10, 11])  # the iterator resumes after 2 batches
+
+
+def _largest_file(step_dir):
+    return max(
+        (p for p in step_dir.rglob("*") if p.is_file() and p.name != "checksums.json"),
+        key=lambda p: p.stat().st_size,
+    )
+
+
+def flip_bytes(step_dir):
+    path = _largest_file(step_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(step_dir):
+    path = _largest_file(step_dir)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def remove_commit_marker(step_dir):
+    (step_dir / "checksums.json").unlink()
+
+
+def remove_a_file(step_dir):
+    _largest_file(step_dir).unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (flip_bytes, "sha256 differs"),
+        (truncate, "truncated"),
+        (remove_commit_marker, "never confirmed complete"),
+        (remove_a_file, "is missing"),
+    ],
+)
+def test_damaged_latest_step_is_detected_and_the_run_falls_back(tmp_path, mesh8, capsys, damage, reason):
+    save_steps(tmp_path / "ckpt", [2, 4], mesh8)
+    damage(tmp_path / "ckpt" / "4")
+    assert checkpoint.damage(str(tmp_path / "ckpt" / "4")) is not None
+    state, next_batch = restore(tmp_path / "ckpt", mesh8)
+    out = capsys.readouterr().out
+    print(out)
+    assert "checkpoint step 4 is damaged: " in out and reason in out
+    assert int(state.step) == 2 and float(state.params["b"]) == 2.0
+    np.testing.assert_array_equal(next_batch, [4, 5, 6, 7])  # step 2's data position, not step 4's
+    assert not (tmp_path / "ckpt" / "4").exists() and (tmp_path / "checkpoints_damaged" / "4").is_dir()
+    # Training goes on past the moved-aside step: step 4 can be saved again.
+    save_steps(tmp_path / "ckpt", [4], mesh8)
+    assert int(restore(tmp_path / "ckpt", mesh8)[0].step) == 4
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"loss": jnp.float32(jnp.nan)}, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(jnp.inf)}, "params"],
+)
+def test_a_non_finite_state_is_never_saved(tmp_path, mesh8, capsys, bad):
+    checkpoints = save_steps(tmp_path / "ckpt", [2], mesh8)
+    state, step_metrics = toy_state(4, mesh8), bad
+    if bad == "params":
+        state, step_metrics = toy_state(4, mesh8, value=jnp.nan), {"loss": jnp.float32(1.0)}
+    checkpoints = checkpoint.Checkpoints(str(tmp_path / "ckpt"), checkpoint_config(), FINGERPRINT)
+    with pytest.raises(checkpoint.NonFiniteError, match="step 4.*last good checkpoint is step 2"):
+        checkpoints.save(4, state, toy_iterator(), step_metrics, force=True)
+    checkpoints.close()
+    assert "NOT saving step 4: non-finite" in capsys.readouterr().out
+    assert checkpoints.manager.all_steps() == [2] and not (tmp_path / "ckpt" / "4").exists()

@@ -165,6 +165,34 @@ def check_finite(step: int, state, step_metrics: dict | None, latest: int | None
     )
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, except that only the training loop asks jax's preemption sync point.
+
+    orbax 0.12.8 also asks it from its save-finalize thread, with the step being finalized:
+    that moves jax's step counter backwards, and a SIGTERM at that moment sets the agreed
+    step in the past, never reached (seen: SIGTERM caught, run went on to the end).
+    """
+
+    preempted_at: int | None = None
+
+    def reached_preemption(self, step: int) -> bool:
+        return step == self.preempted_at
+
+    def _finalize(self, step: int, steps_to_remove: list[int]) -> None:
+        """orbax's commit of ``step`` (in the background), then process 0 writes its manifest."""
+        super()._finalize(step, steps_to_remove)
+        step_dir = os.path.join(self.directory, str(step))
+        if jax.process_index() == 0 and os.path.isdir(step_dir):  # (absent when the save failed)
+            write_manifest(step_dir)
+
+
+def _reached_sync_point(step: int) -> bool:
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is disabled
+        return False
+
+
 class Checkpoints:
     """``config``: the ``checkpoint`` section (every, keep, keep_period, allow_data_change)."""
 
@@ -176,12 +204,9 @@ class Checkpoints:
             enable_async_checkpointing=True,
         )
         self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
-        )
+        self.manager = _Manager(self.directory, options=options, item_names=("state", "data", "meta"))
         self.fingerprint = fingerprint
         self.allow_data_change = config.get("allow_data_change", False)
-        self._unconfirmed: list[int] = []  # saved by this run, no manifest yet
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -190,7 +215,12 @@ class Checkpoints:
         return os.path.join(self.directory, str(step))
 
     def reached_preemption(self, step: int) -> bool:
-        """True at the step every process agreed to save at after a preemption notice (SIGTERM)."""
+        """True at the step every process agreed to save at after a preemption notice (SIGTERM).
+
+        Call it once per step, from the training loop only, with increasing steps.
+        """
+        if _reached_sync_point(step):
+            self.manager.preempted_at = step
         return self.manager.reached_preemption(step)
 
     def restore(self, abstract_state, shardings, iterator):
@@ -215,29 +245,17 @@ class Checkpoints:
         if not (force or self.manager.should_save(step)):
             return False
         check_finite(step, state, step_metrics, self.latest_step())
-        self._confirm()  # the previous save: waits for it, then writes its manifest
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(iterator),
             meta=ocp.args.JsonSave(self.fingerprint),
         )
-        saved = self.manager.save(step, args=args, force=True)
-        if saved:
-            self._unconfirmed.append(step)
-        return saved
+        return self.manager.save(step, args=args, force=True)
 
     def close(self) -> None:
-        """Waits for background writes (a failed write raises here) and confirms them."""
-        self._confirm()
-        self.manager.close()
-
-    def _confirm(self) -> None:
+        """Waits for background writes (a failed write raises here)."""
         self.manager.wait_until_finished()
-        if jax.process_index() == 0:
-            for step in self._unconfirmed:
-                if os.path.isdir(self.step_dir(step)):  # (the keep policy may have deleted it)
-                    write_manifest(self.step_dir(step))
-        self._unconfirmed = []
+        self.manager.close()
 
     def _latest_intact_step(self) -> int | None:
         """Process 0 verifies steps newest first, moving damaged ones aside; all agree on the result."""

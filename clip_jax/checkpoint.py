@@ -305,4 +305,4 @@ class Checkpoints:
             )
         print(f"checkpoint: resuming with a changed data config, as allowed: {what}", flush=True)
         # A Grain position saved by another number of processes cannot be restored.
-        return saved.get("process_count") == self.fingerprint["process_count"]
+        return saved.get("process_count") == self.fingerprint.get("process_count")

@@ -4,6 +4,7 @@ never saved; data-config fingerprints; retention; restore on another topology.""
 import json
 import pathlib
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -71,12 +72,12 @@ def test_interrupted_run_resumes_bitwise_equal(tmp_path, scenes_dataset, monkeyp
 
 # --- Unit tests on a toy state: integrity, non-finite states, data fingerprint, retention ---
 
-FINGERPRINT = {"train_files": ["a.array_record", "b.array_record"], "shuffle_seed": 0, "batch_size": 32}
+FINGERPRINT = {"train_files": ["a.ar", "b.ar"], "shuffle_seed": 0, "batch_size": 32, "process_count": 1}
 
 
 def checkpoint_config(**overrides):
     config = load_config("demo").checkpoint
-    config.update(every=2, keep=3, **overrides)
+    config.update({"every": 2, "keep": 3, **overrides})
     return config
 
 
@@ -209,3 +210,69 @@ def test_a_non_finite_state_is_never_saved(tmp_path, mesh8, capsys, bad):
     checkpoints.close()
     assert "NOT saving step 4: non-finite" in capsys.readouterr().out
     assert checkpoints.manager.all_steps() == [2] and not (tmp_path / "ckpt" / "4").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"batch_size": 64}, "batch_size: 32 -> 64"),
+        ({"shuffle_seed": 1}, "shuffle_seed: 0 -> 1"),
+        ({"train_files": ["a.ar"]}, "train_files: 2 -> 1 files (added [], removed ['b.ar'])"),
+        ({"process_count": 2}, "process_count: 1 -> 2"),
+    ],
+)
+def test_resuming_with_changed_data_is_refused_unless_allowed(tmp_path, mesh8, capsys, change, message):
+    save_steps(tmp_path / "ckpt", [2], mesh8)
+    changed = {**FINGERPRINT, **change}
+    with pytest.raises(checkpoint.DataChangedError, match="allow_data_change") as error:
+        restore(tmp_path / "ckpt", mesh8, fingerprint=changed)
+    assert message in str(error.value)
+    state, _ = restore(tmp_path / "ckpt", mesh8, fingerprint=changed, allow_data_change=True)
+    assert int(state.step) == 2 and message in capsys.readouterr().out
+    assert int(restore(tmp_path / "ckpt", mesh8)[0].step) == 2  # the same config resumes silently
+
+
+def test_the_fingerprint_follows_the_data_config(scenes_dataset):
+    config = load_config("demo")
+    files, tokenizer = scenes_dataset.train_files, scenes_dataset.tokenizer
+    base = checkpoint.data_fingerprint(config.data, files, tokenizer, 32, 40)
+    assert base["train_files"] == [pathlib.Path(f).name for f in files] and base["process_count"] == 1
+    assert base == checkpoint.data_fingerprint(config.data, files, tokenizer, 32, 40)
+    config.data.shuffle_seed = 7
+    other = checkpoint.data_fingerprint(config.data, files[:-1], tokenizer, 64, 48)
+    changes = checkpoint.data_changes(base, other)
+    assert [c.split(":")[0] for c in changes] == ["batch_size", "image_size", "shuffle_seed", "train_files"]
+
+
+def test_keeps_the_last_k_and_every_mth_step(tmp_path, mesh8):
+    save_steps(tmp_path / "ckpt", range(1, 12), mesh8, every=1, keep=2, keep_period=4)
+    kept = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
+    assert kept == [4, 8, 10, 11]
+
+
+def test_a_checkpoint_saved_on_4_devices_restores_on_8_bitwise_equal(tmp_path, scenes_dataset):
+    """The real train state (tiny CLIP + AdamW), FSDP over 4 devices -> over 8."""
+    shift_floats = lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x + 3  # non-zero moments
+    config = load_config("demo")
+    model = train.build_model(config, vocab_size=128)
+    tx, _ = train.optim.make_optimizer(config.optim, 10)
+    mesh4 = sharding.make_mesh({"data": 1, "fsdp": -1, "model": 1}, devices=jax.devices()[:4])
+    mesh8 = sharding.make_mesh({"data": 1, "fsdp": -1, "model": 1})
+    with jax.set_mesh(mesh4), nn.logical_axis_rules(sharding.RULES):
+        abstract, shardings4 = train.state_shardings(model, tx, mesh4)
+        init = jax.jit(lambda rng: train.init_state(model, tx, rng), out_shardings=shardings4)
+        state4 = init(jax.random.key(3))
+        state4 = state4.replace(opt_state=jax.tree.map(shift_floats, state4.opt_state))
+        checkpoints = checkpoint.Checkpoints(str(tmp_path / "ckpt"), checkpoint_config(), FINGERPRINT)
+        checkpoints.save(6, state4, toy_iterator(), force=True)
+        checkpoints.close()
+    with jax.set_mesh(mesh8), nn.logical_axis_rules(sharding.RULES):
+        _, shardings8 = train.state_shardings(model, tx, mesh8)
+        checkpoints = checkpoint.Checkpoints(str(tmp_path / "ckpt"), checkpoint_config(), FINGERPRINT)
+        state8 = checkpoints.restore(abstract, shardings8, toy_iterator())
+        checkpoints.close()
+    devices = lambda state: {len(x.sharding.device_set) for x in jax.tree.leaves(state.params)}
+    assert devices(state4) == {4} and devices(state8) == {8}
+    assert int(state8.step) == 0
+    assert_trees_bitwise_equal(state8.params, state4.params)
+    assert_trees_bitwise_equal(state8.opt_state, state4.opt_state)

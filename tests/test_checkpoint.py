@@ -143,31 +143,34 @@ def test_each_committed_step_has_a_manifest_of_its_files(tmp_path, mesh8):
     np.testing.assert_array_equal(next_batch, [8, 9, 10, 11])  # the iterator resumes after 2 batches
 
 
-def _largest_file(step_dir):
-    return max(
-        (p for p in step_dir.rglob("*") if p.is_file() and p.name != "checksums.json"),
-        key=lambda p: p.stat().st_size,
-    )
+def _array_data(step_dir):
+    """The largest file of array bytes (OCDBT data) of the train state."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
 
 
 def flip_bytes(step_dir):
-    path = _largest_file(step_dir)
+    path = _array_data(step_dir)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
 def truncate(step_dir):
-    path = _largest_file(step_dir)
+    path = _array_data(step_dir)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def remove_commit_marker(step_dir):
-    (step_dir / "checksums.json").unlink()
+    (step_dir / "commit_success.txt").unlink()  # orbax's
+
+
+def remove_manifest(step_dir):
+    (step_dir / "checksums.json").unlink()  # ours, written after orbax's commit
 
 
 def remove_a_file(step_dir):
-    _largest_file(step_dir).unlink()
+    _array_data(step_dir).unlink()
 
 
 @pytest.mark.parametrize(
@@ -175,7 +178,8 @@ def remove_a_file(step_dir):
     [
         (flip_bytes, "sha256 differs"),
         (truncate, "truncated"),
-        (remove_commit_marker, "never confirmed complete"),
+        (remove_commit_marker, "commit_success.txt is missing"),
+        (remove_manifest, "never confirmed complete"),
         (remove_a_file, "is missing"),
     ],
 )

@@ -125,15 +125,19 @@ def test_kill_9_anywhere_then_restart_ends_bitwise_equal(launcher, reference, tm
     proc.wait(timeout=30)
     landed.append(f"after step {max(logged_steps(workdir))} was logged")
 
-    # 2. While an async save is being written (orbax's temporary directory exists).
-    seen = len(logged_steps(workdir))
-    proc = launcher(workdir)
-    wait_for(proc, workdir, lambda: len(logged_steps(workdir)) > seen and saving_now(workdir), "a save")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    left = saving_now(workdir)
-    landed.append(f"at step {max(logged_steps(workdir))}, during the save of {left}")
-    assert left, "the kill did not land during a save"
+    # 2. While an async save is being written (orbax's temporary directory exists); the
+    # save may commit between the poll and the kill (a millisecond window): then again.
+    for _ in range(3):
+        seen = len(logged_steps(workdir))
+        proc = launcher(workdir)
+        wait_for(proc, workdir, lambda: len(logged_steps(workdir)) > seen and saving_now(workdir), "a save")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        left = saving_now(workdir)
+        landed.append(f"at step {max(logged_steps(workdir))}, during the save of {left}")
+        if left:
+            break
+    assert left, "no kill landed during a save"
 
     # 3. Restart until done.
     for _ in range(3):
@@ -144,7 +148,7 @@ def test_kill_9_anywhere_then_restart_ends_bitwise_equal(launcher, reference, tm
     log = (workdir / "log.txt").read_text()
     print("kill -9 landed:", "; ".join(landed))
     print("resumed:", [line for line in log.splitlines() if "resumed" in line or "damaged" in line])
-    assert log.count("resumed from step") == 2
+    assert log.count("resumed from step") == len(landed)
     assert_bitwise_equal(final_state(workdir), reference)
 
 

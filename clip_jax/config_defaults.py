@@ -35,7 +35,18 @@ def base_config() -> ConfigDict:
         {
             "train_files": config_dict.placeholder(str),  # glob(s) of ArrayRecord shards
             "tokenizer": config_dict.placeholder(str),  # sentencepiece .model file
-            "format": "array_record",  # or "webdataset": img2dataset tar shards read directly
+            # "array_record" | "webdataset" (img2dataset tar shards read directly) | "tfds"
+            "format": "array_record",
+            # format "tfds": a TFDS dataset prepared in array_record format, read with
+            # tfds.data_source (no TensorFlow). Captions from caption_key, or else
+            # caption_template filled with the name of the label_key class.
+            "tfds_name": config_dict.placeholder(str),  # "name[/config][:version]"
+            "tfds_split": "train",  # TFDS split syntax: "train", "train[:90%]", ...
+            "tfds_data_dir": config_dict.placeholder(str),  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+            "image_key": "image",
+            "caption_key": config_dict.placeholder(str),
+            "label_key": "label",
+            "caption_template": "a photo of a {}.",
             "shuffle_seed": 0,
             "shuffle_buffer": 1000,  # webdataset only: samples held for shuffling
             "num_workers": 0,  # Grain worker processes for decoding (0: threads only)

@@ -9,7 +9,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from clip_jax import losses, sharding
-from clip_jax.data import records
+from clip_jax.data import pipeline, records
 from clip_jax.models import clip, layers
 
 
@@ -56,17 +56,51 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         0.0 <= config.model.patch_dropout < 1.0,
         f"config.model.patch_dropout={config.model.patch_dropout} must be in [0, 1)",
     )
-    if not config.data.get("scenes"):
+    check_data(config.data)
+
+
+def _check_range(field: str, value, low: float, high: float) -> None:
+    """A (min, max) pair with low < min <= max <= high."""
+    ok = len(value) == 2 and low < value[0] <= value[1] <= high
+    _require(ok, f"config.data.{field}={tuple(value)} must be (min, max) with {low} < min <= max <= {high}")
+
+
+def check_data(data: ml_collections.ConfigDict) -> None:
+    """``config.data``: the reader, the augmentation, the skip ceiling and the required paths."""
+    _require(
+        data.format in pipeline.FORMATS,
+        f"config.data.format={data.format!r} is unknown; use one of {list(pipeline.FORMATS)}",
+    )
+    _require(
+        0.0 <= data.max_skip_fraction < 1.0,
+        f"config.data.max_skip_fraction={data.max_skip_fraction} must be in [0, 1)",
+    )
+    _check_range("crop_scale", data.crop_scale, 0.0, 1.0)
+    _check_range("crop_ratio", data.crop_ratio, 0.0, float("inf"))
+    if data.get("scenes"):
+        return
+    if data.format == "tfds":
         _require(
-            bool(config.data.train_files),
+            bool(data.tfds_name),
+            "config.data.tfds_name is required with config.data.format='tfds': pass "
+            "--config.data.tfds_name=NAME[:VERSION] (a dataset prepared in array_record format)",
+        )
+        _require(
+            bool(data.caption_key) or (bool(data.label_key) and "{}" in data.caption_template),
+            "config.data.caption_key is required unless config.data.label_key is set and "
+            f"config.data.caption_template={data.caption_template!r} has a '{{}}' for the class name",
+        )
+    else:
+        _require(
+            bool(data.train_files),
             "config.data.train_files is required: pass "
             "--config.data.train_files='gs://BUCKET/train-*.array_record' (ArrayRecord shards)",
         )
-        _require(
-            bool(config.data.tokenizer),
-            "config.data.tokenizer is required: pass --config.data.tokenizer=PATH.model "
-            "(a sentencepiece model; data_pipelines/train_tokenizer.py makes one)",
-        )
+    _require(
+        bool(data.tokenizer),
+        "config.data.tokenizer is required: pass --config.data.tokenizer=PATH.model "
+        "(a sentencepiece model; data_pipelines/train_tokenizer.py makes one)",
+    )
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -92,7 +126,18 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 def data_files(config: ml_collections.ConfigDict) -> list[str]:
-    """The training files, with an error naming config.data.train_files when none match."""
+    """The training files, with an error naming config.data.train_files when none match.
+
+    Format "tfds": the array_record files of the split, with an error naming
+    config.data.tfds_name (or the feature key) when the prepared data does not fit.
+    """
+    if config.data.format == "tfds":
+        from clip_jax.data import tfds_source  # tensorflow_datasets only when asked for
+
+        try:
+            return tfds_source.split_files(tfds_source.TfdsSpec.from_config(config.data))
+        except tfds_source.TfdsError as e:
+            raise ConfigError(str(e)) from None
     try:
         return records.expand(config.data.train_files, "config.data.train_files")
     except FileNotFoundError as e:

@@ -1,4 +1,5 @@
-"""Grain input pipelines over ArrayRecord files (`clip_jax.data.records`) or tar shards.
+"""Grain input pipelines over ArrayRecord files (`clip_jax.data.records`), a TFDS
+split prepared in array_record format (`clip_jax.data.tfds_source`) or tar shards.
 
 Training: random access, a global shuffle by seed re-drawn every epoch, epochs
 repeated without end (the loop counts steps), each JAX process reading its own
@@ -35,6 +36,8 @@ import numpy as np
 from clip_jax.data import records, skips, transforms, watchdog
 from clip_jax.data.tokenizer import Tokenizer
 
+# The readers `from_config` knows (config.data.format).
+FORMATS = ("array_record", "webdataset", "tfds")
 # Consecutive bad records tolerated before a replacement search gives up.
 MAX_REPLACE_TRIES = 64
 
@@ -138,16 +141,23 @@ class CountSkips(grain.transforms.Map):
         return batch
 
 
-def process_share(files: Sequence[str]) -> grain.MapDataset:
-    """The records of ``files`` that this JAX process reads: an equal, disjoint share."""
-    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(files)))
+def process_share(files: Sequence[str] | grain.MapDataset) -> grain.MapDataset:
+    """The records that this JAX process reads: an equal, disjoint share.
+
+    ``files``: ArrayRecord paths, or any random-access MapDataset of records
+    (e.g. `tfds_source.records`).
+    """
+    if isinstance(files, grain.MapDataset):
+        source = files
+    else:
+        source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(files)))
     count = jax.process_count()
     usable = len(source) - len(source) % count
     return source[jax.process_index() : usable : count]
 
 
 def train_iterator(
-    files: Sequence[str],
+    files: Sequence[str] | grain.MapDataset,
     tokenizer: Tokenizer,
     image_size: int,
     local_batch_size: int,
@@ -159,7 +169,8 @@ def train_iterator(
     counter: skips.SkipCounter | None = None,
     stall_timeout_s: float | None = 600.0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """An endless iterator of host-local training batches from ArrayRecord ``files``.
+    """An endless iterator of host-local training batches from ArrayRecord ``files``
+    (or a MapDataset of records, see `process_share`).
 
     ``counter``: where skipped records are counted (a fresh one with the
     default ceiling when None). ``crop=None``: centre crops (no augmentation).
@@ -230,7 +241,11 @@ def from_config(
     local_batch_size: int,
     counter: skips.SkipCounter,
 ) -> grain.DatasetIterator:
-    """The training iterator ``config.data`` describes (``format``: "array_record" or "webdataset")."""
+    """The training iterator ``config.data`` describes (``format``: one of `FORMATS`).
+
+    ``files``: the ArrayRecord or tar files; for "tfds" the split named in
+    ``config.data`` is read (``files`` only name it in the checkpoint fingerprint).
+    """
     crop = None
     if data_config.random_crop:
         crop = Crop(tuple(data_config.crop_scale), tuple(data_config.crop_ratio))
@@ -250,4 +265,8 @@ def from_config(
         from clip_jax.data import webdataset  # imports this module
 
         return webdataset.train_iterator(files, shuffle_buffer=data_config.shuffle_buffer, **common)
-    raise ValueError(f"config.data.format={data_config.format!r}: use 'array_record' or 'webdataset'")
+    if data_config.format == "tfds":
+        from clip_jax.data import tfds_source  # imports this module
+
+        return train_iterator(tfds_source.records(tfds_source.TfdsSpec.from_config(data_config)), **common)
+    raise ValueError(f"config.data.format={data_config.format!r}: use one of {list(FORMATS)}")

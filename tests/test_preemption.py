@@ -130,7 +130,8 @@ def test_kill_9_anywhere_then_restart_ends_bitwise_equal(launcher, reference, tm
     for _ in range(3):
         seen = len(logged_steps(workdir))
         proc = launcher(workdir)
-        wait_for(proc, workdir, lambda: len(logged_steps(workdir)) > seen and saving_now(workdir), "a save")
+        in_save = lambda seen=seen: len(logged_steps(workdir)) > seen and saving_now(workdir)
+        wait_for(proc, workdir, in_save, "a save")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         left = saving_now(workdir)

@@ -36,6 +36,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("norm", None),
     ("act_embed", None),
+    # ResNet conv kernels [kh, kw, in, out]: output channels FSDP-sharded as "embed".
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
 )
 
 

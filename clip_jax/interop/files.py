@@ -8,6 +8,9 @@ Formats (all float32 safetensors):
   and ``clip_config.json`` (the `CLIPConfig`), for inference with clip_jax.
 
 `load` takes any of these (or a torch state dict) and returns (CLIPConfig, params).
+For a ResNet image tower, ``params`` carries the BatchNorm running statistics under
+a top-level ``batch_stats`` key, in and out (`openai_resnet.merge_variables`); HF
+transformers has no CLIP ResNet, so those export as ``open_clip`` or ``params``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from clip_jax.interop import hf, mapping, openai
 from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.resnet import ResNetConfig
 from clip_jax.models.text import TextConfig
 from clip_jax.models.vit import VisionConfig
 
@@ -45,7 +49,8 @@ def config_to_dict(config: CLIPConfig) -> dict[str, Any]:
 def config_from_dict(d: Mapping[str, Any]) -> CLIPConfig:
     fields = {f.name for f in dataclasses.fields(CLIPConfig)}
     rest = {k: v for k, v in d.items() if k in fields and k not in ("vision", "text")}
-    return CLIPConfig(vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]), **rest)
+    vision = VisionConfig if "patch_size" in d["vision"] else ResNetConfig
+    return CLIPConfig(vision=vision(**d["vision"]), text=TextConfig(**d["text"]), **rest)
 
 
 def _has_bias(params: Mapping) -> bool:
@@ -164,7 +169,7 @@ def load(path: str, **openai_options: Any) -> tuple[CLIPConfig, dict]:
         path = os.path.join(path, OPEN_CLIP_WEIGHTS)
     tensors = read_tensors(path)
     if "visual.conv1.weight" not in tensors:
-        raise ValueError(f"{path}: not an OpenAI/open_clip ViT state dict (no visual.conv1.weight)")
+        raise ValueError(f"{path}: not an OpenAI/open_clip state dict (no visual.conv1.weight)")
     config = openai.clip_config(tensors, **openai_options)
     maps = openai.tensor_maps(config, "logit_bias" in tensors)
     if extra := _unexpected(tensors, maps, openai.IGNORED):

@@ -49,6 +49,10 @@ def _blocks(prefix: str, path: str, layers: int, heads: int) -> list[TensorMap]:
 def tensor_maps(config: CLIPConfig) -> list[TensorMap]:
     """Every tensor of HF's ``CLIPModel`` state dict, from the clip_jax params of ``config``."""
     v, t = config.vision, config.text
+    if not isinstance(v, VisionConfig):
+        raise ValueError(
+            "transformers' CLIPModel has no ResNet image tower; export RN models as open_clip or params"
+        )
     maps = [
         mapping.conv("vision_model.embeddings.patch_embedding.weight", "visual/patch_embed/kernel"),
         mapping.same("vision_model.embeddings.class_embedding", "visual/class_token"),

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models import layers
+from clip_jax.models import layers, resnet
+from clip_jax.models.resnet import ModifiedResNet, ResNetConfig
 from clip_jax.models.text import TextConfig, TextTransformer
 from clip_jax.models.vit import VisionConfig, VisionTransformer
 
@@ -27,7 +28,7 @@ LOGIT_SCALE_MAX = math.log(100.0)
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
     embed_dim: int
-    vision: VisionConfig
+    vision: VisionConfig | ResNetConfig  # the image tower is chosen by this type
     text: TextConfig
     logit_scale_init: float = LOGIT_SCALE_INIT
     # SigLIP's learnable logit bias; None: no bias parameter (CLIP's softmax loss).
@@ -38,8 +39,17 @@ def _openai_text(width: int, heads: int) -> TextConfig:
     return TextConfig(vocab_size=49408, context_length=77, width=width, layers=12, heads=heads)
 
 
+def _openai_resnet(layers: tuple[int, int, int, int], width: int, image_size: int) -> ResNetConfig:
+    return ResNetConfig(layers, width, image_size, heads=width * 32 // 64)
+
+
 VARIANTS: dict[str, CLIPConfig] = {
-    # OpenAI's shapes (Radford et al. 2021, table 20).
+    # OpenAI's shapes (Radford et al. 2021, tables 19-20; clip/model.py).
+    "RN50": CLIPConfig(1024, _openai_resnet((3, 4, 6, 3), 64, 224), _openai_text(512, 8)),
+    "RN101": CLIPConfig(512, _openai_resnet((3, 4, 23, 3), 64, 224), _openai_text(512, 8)),
+    "RN50x4": CLIPConfig(640, _openai_resnet((4, 6, 10, 6), 80, 288), _openai_text(640, 10)),
+    "RN50x16": CLIPConfig(768, _openai_resnet((6, 8, 18, 8), 96, 384), _openai_text(768, 12)),
+    "RN50x64": CLIPConfig(1024, _openai_resnet((3, 15, 36, 10), 128, 448), _openai_text(1024, 16)),
     "ViT-B/32": CLIPConfig(512, VisionConfig(224, 32, 768, 12, 12), _openai_text(512, 8)),
     "ViT-B/16": CLIPConfig(512, VisionConfig(224, 16, 768, 12, 12), _openai_text(512, 8)),
     "ViT-L/14": CLIPConfig(768, VisionConfig(224, 14, 1024, 24, 16), _openai_text(768, 12)),
@@ -48,6 +58,12 @@ VARIANTS: dict[str, CLIPConfig] = {
     "tiny": CLIPConfig(
         128,
         VisionConfig(40, 8, 128, 4, 4),
+        TextConfig(vocab_size=256, context_length=16, width=128, layers=3, heads=4),
+    ),
+    # A 4-block ResNet (512-channel features at 1/32 of a 64-pixel image).
+    "tiny-rn": CLIPConfig(
+        128,
+        ResNetConfig((1, 1, 1, 1), 16, 64, heads=8),
         TextConfig(vocab_size=256, context_length=16, width=128, layers=3, heads=4),
     ),
     "small": CLIPConfig(
@@ -83,9 +99,14 @@ class CLIP(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.visual = VisionTransformer(
-            cfg.vision, cfg.embed_dim, self.dtype, self.patch_dropout, self.remat, self.scan
-        )
+        if isinstance(cfg.vision, ResNetConfig):
+            if self.patch_dropout:
+                raise ValueError("config.model.patch_dropout (FLIP) needs a ViT image tower, not a ResNet")
+            self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim, self.dtype, self.remat)
+        else:
+            self.visual = VisionTransformer(
+                cfg.vision, cfg.embed_dim, self.dtype, self.patch_dropout, self.remat, self.scan
+            )
         self.text = TextTransformer(cfg.text, cfg.embed_dim, self.dtype, self.remat, self.scan)
         init = nn.initializers.constant(cfg.logit_scale_init)
         self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(init, ()), ())
@@ -127,8 +148,11 @@ def dummy_inputs(config: CLIPConfig, batch: int = 1) -> tuple[jax.Array, jax.Arr
 def forward_flops_per_pair(config, kept_patches: int | None = None) -> float:
     """Model FLOPs (2 x multiply-adds) of one image-text pair's forward pass (ANCHORS.md)."""
     vision, text = config.vision, config.text
-    patches = vision.num_patches if kept_patches is None else kept_patches
     layer = lambda n, d: 24 * n * d * d + 4 * n * n * d
+    if isinstance(vision, ResNetConfig):
+        text_flops = text.layers * layer(text.context_length, text.width) + 2 * config.embed_dim * text.width
+        return resnet.forward_flops(vision, config.embed_dim) + text_flops
+    patches = vision.num_patches if kept_patches is None else kept_patches
     patch_embed = 2 * patches * 3 * vision.patch_size**2 * vision.width
     image = vision.layers * layer(patches + 1, vision.width) + patch_embed
     text_flops = text.layers * layer(text.context_length, text.width)

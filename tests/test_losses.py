@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import losses, sharding
+from clip_jax import losses, ring_loss, sharding
 
 
 def unit(x):
@@ -99,15 +99,17 @@ def test_sigmoid_hand_computed_two_by_two():
 
 
 RING_CASES = [
-    ("softmax_ring", losses.softmax_contrastive),
-    ("softmax", losses.softmax_contrastive),
-    ("sigmoid_ring", losses.sigmoid_contrastive),
+    ("softmax_ring", ring_loss.make_ring_softmax, losses.softmax_contrastive),
+    ("softmax_ring_tiles_of_4", lambda m: ring_loss.make_ring_softmax(m, 4), losses.softmax_contrastive),
+    ("softmax_local_rows", losses.make_softmax_contrastive, losses.softmax_contrastive),
+    ("sigmoid_ring", ring_loss.make_ring_sigmoid, losses.sigmoid_contrastive),
+    ("sigmoid_ring_tiles_of_4", lambda m: ring_loss.make_ring_sigmoid(m, 4), losses.sigmoid_contrastive),
 ]
 
 
-@pytest.mark.parametrize("name,dense", RING_CASES, ids=[c[0] for c in RING_CASES])
+@pytest.mark.parametrize("name,build,dense", RING_CASES, ids=[c[0] for c in RING_CASES])
 @pytest.mark.parametrize("mesh_shape", [{"data": 2, "fsdp": 2, "model": 2}, {"fsdp": 8}], ids=str)
-def test_distributed_losses_equal_dense(name, dense, mesh_shape):
+def test_distributed_losses_equal_dense(name, build, dense, mesh_shape):
     """Loss, all four gradients and both accuracies against the dense computation."""
     image, text = correlated_pair(64, 32, seed=3)
     scale, bias = jnp.float32(12.0), jnp.float32(-4.0)
@@ -115,7 +117,7 @@ def test_distributed_losses_equal_dense(name, dense, mesh_shape):
     ref_loss, ref_grads = jax.value_and_grad(lambda *a: dense(*a)[0], args)(image, text, scale, bias)
     ref_stats = dense(image, text, scale, bias)[1]
     mesh = sharding.make_mesh(mesh_shape)
-    loss_fn = losses.make_loss(name, mesh)
+    loss_fn = build(mesh)
     with jax.set_mesh(mesh):
         placed = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (image, text)]
         grad_fn = jax.jit(jax.value_and_grad(lambda *a: loss_fn(*a)[0], args))

@@ -200,3 +200,18 @@ def test_good_data_configs_pass():
     validation.check_config(config)  # tfds, captions from class names
     config.data.update(label_key=None, caption_key="caption", max_skip_fraction=0.0)
     validation.check_config(config)
+
+
+@pytest.mark.slow
+def test_train_run_on_a_tfds_split(prepared, tmp_path):
+    """train.run end to end with config.data.format='tfds' (tiny model, 3 steps, 8 CPU devices)."""
+    data_dir, tok = prepared
+    config = tfds_config(data_dir, tok, caption_key="caption")
+    config.model.update(variant="tiny", dtype="float32")
+    config.train.update(batch_size=8, total_steps=3, log_every=1)
+    config.optim.warmup_steps = 1
+    config.sharding.mesh = {"data": -1, "fsdp": 1, "model": 1}
+    result = train.run(config, str(tmp_path))
+    assert result["train"]["step"] == 3 and np.isfinite(result["train"]["loss"])
+    assert (tmp_path / "checkpoints").is_dir()
+    assert "tensorflow" not in sys.modules

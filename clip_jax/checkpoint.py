@@ -125,7 +125,17 @@ def data_fingerprint(
         "process_count": jax.process_count(),
         "image_size": image_size,
         "tokenizer_sha256": _tokenizer_hash(tokenizer),
+        "augmentation": [
+            data.get("random_crop"),
+            list(data.get("crop_scale") or ()),
+            list(data.get("crop_ratio") or ()),
+        ],
+        # A TFDS source is named by its config, not by its files alone (split slices, keys).
+        "tfds": [data.get(k) for k in _TFDS_FIELDS] if data.format == "tfds" else None,
     }
+
+
+_TFDS_FIELDS = ("tfds_name", "tfds_split", "image_key", "caption_key", "label_key", "caption_template")
 
 
 def data_changes(saved: dict, current: dict) -> list[str]:

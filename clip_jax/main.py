@@ -1,8 +1,10 @@
 """Entry point: ``python -m clip_jax.main --config=configs/b16.py --workdir=DIR``.
 
 Run the same command on every host of a multi-host slice. On a Cloud TPU VM
-pod JAX finds the other hosts itself; elsewhere pass --coordinator_address,
---num_processes and --process_id. On SIGTERM (preemption) every process saves a
+pod pass --multihost (launch/tpu.py does) and JAX finds the other hosts from the
+VM's metadata; elsewhere pass --coordinator_address, --num_processes and
+--process_id. If a process dies, the others stop with an error after
+--heartbeat_timeout_s instead of hanging. On SIGTERM (preemption) every process saves a
 checkpoint at the same step and exits 0; rerunning the command resumes.
 """
 
@@ -22,6 +24,12 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "A multi-host TPU slice: JAX finds the hosts (Cloud TPU VM metadata)."
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "A process silent this long is dead: the others stop with an error."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,9 +37,14 @@ def _initialize_distributed() -> None:
     if _COORDINATOR.value:
         # Collectives between CPU processes (tests, laptops) go through gloo.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU VM slice
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+        )
+    elif _MULTIHOST.value or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host slice
+        jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     else:
         # One process: a local coordinator all the same. It turns SIGTERM into orbax's
         # preemption sync point (save at an agreed step, exit 0) instead of a kill.

@@ -1,0 +1,119 @@
+"""launch/tpu.py offline: the gcloud commands it prints, and its relaunch logic on a scripted slice."""
+
+import importlib.util
+import pathlib
+import shlex
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("launch_tpu", ROOT / "launch" / "tpu.py")
+tpu = importlib.util.module_from_spec(_spec)
+sys.modules["launch_tpu"] = tpu  # dataclasses look their module up
+_spec.loader.exec_module(tpu)
+
+MAIN_ARGS = [
+    "--config=configs/b16.py",
+    "--workdir=gs://my-bucket/runs/b16",
+    "--config.data.train_files=gs://my-bucket/laion/train-*.array_record",
+    "--config.data.tokenizer=gs://my-bucket/laion/tokenizer.model",
+]
+SLICE = ["--name=clip-b16", "--zone=us-west4-a", "--accelerator=v5e-256", "--spot"]
+
+
+def test_dry_run_of_a_v5e_256_spot_launch_prints_the_gcloud_commands(capsys):
+    assert tpu.main(["run", "--dry_run", *SLICE, "--", *MAIN_ARGS]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    commands = [shlex.split(line) for line in lines]
+    create = commands[0]
+    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "clip-b16"]
+    assert {"--accelerator-type=v5litepod-256", "--version=v2-alpha-tpuv5-lite", "--spot"} <= set(create)
+    assert "--zone=us-west4-a" in create
+    ssh = [c for c in commands if c[3:5] == ["tpu-vm", "ssh"]]
+    setup, train = ssh[0], ssh[1]
+    assert all("--worker=all" in c for c in (setup, train))
+    assert "pip install -q -e '.[tpu]'" in setup[-1] and "uv venv --seed --python 3.11" in setup[-1]
+    assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 my-bucket /gcs/my-bucket" in setup[-1]
+    # The training command, as each worker's shell runs it (one more level of quoting inside bash -c).
+    body = shlex.split(train[-1].removeprefix("--command="))
+    inner = shlex.split(body[body.index("-c") + 1])
+    assert inner[inner.index("-m") : inner.index("-m") + 3] == ["-m", "clip_jax.main", "--multihost"]
+    assert "--workdir=/gcs/my-bucket/runs/b16" in inner
+    assert "--config.data.train_files=/gcs/my-bucket/laion/train-*.array_record" in inner
+    assert "--config=configs/b16.py" in inner
+    describe = next(c for c in commands if "describe" in c)
+    assert describe[-1] == "--format=value(state)"
+
+
+def test_queued_resource_and_other_generations():
+    s = tpu.Slice("q", "us-central2-b", "v4-128", project="p", spot=True, queued=True)
+    create = tpu.create_command(s)
+    assert create[3:6] == ["queued-resources", "create", "q"]
+    assert {
+        "--node-id=q",
+        "--accelerator-type=v4-128",
+        "--runtime-version=tpu-ubuntu2204-base",
+        "--spot",
+    } <= set(create)
+    assert "--project=p" in create
+    assert tpu.describe_command(s)[-1] == "--format=value(state.state)"
+    assert "--force" in tpu.delete_command(s)
+    assert tpu.Slice("a", "z", "v5p-128").version == "v2-alpha-tpuv5"
+    assert tpu.Slice("a", "z", "v6e-64").accelerator_type == "v6e-64"
+    assert tpu.Slice("a", "z", "v6e-64").version == "v2-alpha-tpuv6e"
+    assert tpu.Slice("a", "z", "v5e-16", runtime_version="custom").version == "custom"
+    with pytest.raises(ValueError, match="--accelerator"):
+        _ = tpu.Slice("a", "z", "v3-8").generation
+
+
+class FakeGcloud:
+    """Answers describe with a scripted state sequence and worker 0's exit-code file with another."""
+
+    def __init__(self, states, exit_codes):
+        self.states, self.exit_codes, self.calls = list(states), list(exit_codes), []
+
+    def __call__(self, cmd):
+        self.calls.append(list(cmd))
+        if "describe" in cmd:
+            return 0, self.states.pop(0) + "\n"
+        if any(a.startswith("--command=cat ") for a in cmd):
+            return 0, self.exit_codes.pop(0) + "\n"
+        return 0, ""
+
+    def count(self, *words):
+        return sum(all(w in c for w in words) for c in self.calls)
+
+
+def launcher(fake, **kw):
+    s = tpu.Slice("clip", "z", "v5e-256", spot=True, queued=True)
+    return tpu.Launcher(s, MAIN_ARGS, runner=fake, sleep=lambda _: None, **kw)
+
+
+def test_watch_relaunches_after_preemption_and_ends_when_training_ends():
+    # ACTIVE/running, then the spot slice is reclaimed (SUSPENDED); the relaunch's create waits
+    # through PROVISIONING to ACTIVE; training then runs and finishes with 0.
+    fake = FakeGcloud(
+        states=["ACTIVE", "SUSPENDED", "PROVISIONING", "ACTIVE", "ACTIVE", "ACTIVE"],
+        exit_codes=["running", "running", "0"],
+    )
+    assert launcher(fake).watch() == 0
+    assert fake.count("queued-resources", "delete", "--force") == 1
+    assert fake.count("queued-resources", "create") == 1
+    trains = [c for c in fake.calls if any("clip_jax.main --multihost" in a for a in c)]
+    assert len(trains) == 1 and "--worker=all" in trains[0]
+    assert fake.states == [] and fake.exit_codes == []
+
+
+def test_a_failed_training_process_on_a_healthy_slice_restarts_then_gives_up():
+    fake = FakeGcloud(states=["READY"] * 3, exit_codes=["1", "1", "1"])
+    assert launcher(fake, max_restarts=2).watch() == 1
+    assert fake.count("create") == 0 and fake.count("delete") == 0
+    assert sum(any("clip_jax.main" in a for a in c) for c in fake.calls) == 2
+
+
+def test_preempted_too_often_gives_up():
+    fake = FakeGcloud(states=["PREEMPTED"], exit_codes=[])
+    s = tpu.Slice("clip", "z", "v4-8", spot=True)
+    assert tpu.Launcher(s, MAIN_ARGS, runner=fake, sleep=lambda _: None, max_restarts=0).watch() == 1
+    assert fake.count("delete") == 0

@@ -9,10 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from safetensors.numpy import load_file
 
-from clip_jax import sharding
+from clip_jax import losses, sharding
 from clip_jax.interop import files, mapping, openai, openai_resnet
 from clip_jax.models import clip, resnet
 from clip_jax.models.clip import CLIP, CLIPConfig
@@ -320,36 +321,33 @@ def test_forward_flops_counts_convs_and_attention_pool():
 
 
 def test_tiny_rn_learns_with_frozen_batch_norm():
-    """tiny-rn's image tower and text tower fit a fixed batch: the contrastive loss falls over 10 steps.
-    batch_stats stay constant (not trained, not updated); train.py does not carry them yet."""
-    import optax
-
-    from clip_jax import losses
-
+    """tiny-rn, from random weights with random (frozen) running statistics, fits a fixed batch:
+    the contrastive loss falls over 30 Adam steps (the compile dominates; a step costs ~0.1 s).
+    batch_stats are constants of the step (never trained nor updated), as `resnet` documents;
+    train.py does not carry them yet."""
     config = clip.get_variant("tiny-rn")
-    model = CLIP(config)
-    variables = nn.meta.unbox(model.init(jax.random.key(0), *clip.dummy_inputs(config)))
+    model, variables = CLIP(config), openai_resnet.split_variables(random_weights(config, seed=3))
     params, stats = variables["params"], variables["batch_stats"]
     tx = optax.adam(1e-3)
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.standard_normal((8, 64, 64, 3)), jnp.float32)
-    tokens = jnp.asarray(np.concatenate([rng.integers(1, 256, (8, 6)), np.zeros((8, 10))], 1), jnp.int32)
+    # Noise images told apart by a colour each; token rows [6 random ids, pad ...].
+    images = rng.standard_normal((8, 64, 64, 3)) + 2 * rng.standard_normal((8, 1, 1, 3))
+    tokens = np.concatenate([rng.integers(1, 256, (8, 6)), np.zeros((8, 10))], 1)
+    images, tokens = jnp.asarray(images, jnp.float32), jnp.asarray(tokens, jnp.int32)
 
     @jax.jit
     def step(params, opt_state):
         def loss_of(params):
-            image_emb, text_emb, scale, bias = model.apply(
-                {"params": params, "batch_stats": stats}, images, tokens, True
-            )
-            return losses.softmax_contrastive(image_emb, text_emb, scale, bias)[0]
+            out = model.apply({"params": params, "batch_stats": stats}, images, tokens, True)
+            return losses.softmax_contrastive(*out)[0]
 
         loss, grads = jax.value_and_grad(loss_of)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     opt_state, history = tx.init(params), []
-    for _ in range(10):
+    for _ in range(30):
         params, opt_state, loss = step(params, opt_state)
         history.append(float(loss))
     print(f"\n[tiny-rn] loss {history[0]:.3f} -> {history[-1]:.3f}")
-    assert history[-1] < 0.5 * history[0], history
+    assert max(history[-3:]) < 0.5 * history[0], history

@@ -1,86 +1,88 @@
-"""Evaluation: batched encoders, zero-shot classification by prompt ensembling,
-retrieval recall, and the held-out report of the synthetic-scenes demo.
+"""Evaluation entry point and the demo's end-of-training report.
 
-Ranks count strictly better-scoring candidates, so a tie is resolved in the
-target's favour (with continuous embeddings ties are practically absent).
+    python -m clip_jax.evaluate --workdir=DIR --task=zeroshot --dataset=cifar10
+    python -m clip_jax.evaluate --workdir=DIR --task=zeroshot --dataset=folder:/data/val --templates=imagenet
+    python -m clip_jax.evaluate --workdir=DIR --task=linear_probe --dataset=cifar10
+    python -m clip_jax.evaluate --workdir=DIR --task=retrieval --dataset=array_record:'/data/coco-*'
+    python -m clip_jax.evaluate --workdir=DIR --task=scenes   # the demo's full suite
+
+``--dataset``: a TFDS name prepared in array_record format (``cifar10``,
+``imagenet2012``; class names and templates from `clip_jax.zeroshot_metadata`),
+``folder:ROOT`` (one folder per class) or ``array_record:GLOB`` (records with
+``label``; ``--class_names=FILE`` names the classes). Results go to
+``WORKDIR/eval/STEP_TASK_DATASET.json``. The pieces live in `clip_jax.eval`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import glob
+import json
+import os
+import re
 
 import jax
 import numpy as np
+from absl import app, flags
 from jax.sharding import Mesh
 
-from clip_jax import sharding
-from clip_jax.data import pipeline, scenes, transforms
+from clip_jax import diagnostics, zeroshot_metadata
+from clip_jax.data import pipeline, scenes
 from clip_jax.data.tokenizer import Tokenizer
+from clip_jax.eval import linear_probe as probe
+from clip_jax.eval import retrieval, sources
+from clip_jax.eval.encode import Encoder
+from clip_jax.eval.retrieval import recall_at_k, retrieval_metrics
+from clip_jax.eval.zeroshot import (
+    classification_metrics,
+    classifier_weights,
+    mean_per_class_recall,
+    prompt_sets,
+    ranks,
+    topk_accuracy,
+)
 from clip_jax.models import clip
 
+__all__ = [
+    "Encoder",
+    "classifier_weights",
+    "classification_metrics",
+    "evaluate_scenes",
+    "mean_per_class_recall",
+    "print_table",
+    "prompt_sets",
+    "ranks",
+    "recall_at_k",
+    "retrieval_metrics",
+    "topk_accuracy",
+    "zero_shot",
+]
 
-class Encoder:
-    """Jitted, batched ``encode_image`` / ``encode_text`` for one model and its params."""
 
-    def __init__(self, model: clip.CLIP, params, batch_size: int, mesh: Mesh | None = None):
-        self.params = params
-        self.batch_size = batch_size
-        # Replicated outputs: every process can read the embeddings (multi-host too).
-        out = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
-        self._image = jax.jit(
-            lambda p, x: model.apply({"params": p}, transforms.normalize(x), method=clip.CLIP.encode_image),
-            **out,
+def zero_shot(encoder, tokenizer, images: np.ndarray, labels: np.ndarray, class_prompts, prefix="") -> dict:
+    """Prompt-ensemble classifier over ``class_prompts`` (C lists), scored on images [N, S, S, 3]."""
+    weights = classifier_weights(encoder, tokenizer, class_prompts, show_progress=encoder.progress)
+    return classification_metrics(encoder.images(images) @ weights.T, labels, prefix)
+
+
+def scenes_linear_probe(encoder, image_size: int, seed: int = 0) -> dict:
+    """Linear probes for shape (4-way) and colour (8-way) on frozen features of single things."""
+    data = diagnostics.single_things(1000, image_size, seed)
+    features = encoder.images(data["image"])
+    train_idx, val_idx = probe.validation_split(600, 0.2, seed)
+    test = slice(600, None)
+    out = {}
+    for name, labels in data["labels"].items():
+        train, held = (features[:600], labels[:600]), (features[test], labels[test])
+        result = probe.linear_probe(
+            (train[0][train_idx], train[1][train_idx]),
+            (train[0][val_idx], train[1][val_idx]),
+            held,
+            num_classes=int(labels.max()) + 1,
         )
-        self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=clip.CLIP.encode_text), **out)
-
-    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
-        n, size = len(x), self.batch_size
-        padded = np.concatenate([x, np.zeros((-n % size, *x.shape[1:]), x.dtype)])
-        out = [np.asarray(fn(self.params, padded[i : i + size])) for i in range(0, len(padded), size)]
-        return np.concatenate(out)[:n]
-
-    def images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, 3] -> unit-norm float32 [N, E]."""
-        return self._batched(self._image, images)
-
-    def texts(self, tokens: np.ndarray) -> np.ndarray:
-        """int32 [N, L] -> unit-norm float32 [N, E]."""
-        return self._batched(self._text, tokens)
-
-
-def classifier_weights(
-    encoder: Encoder, tokenizer: Tokenizer, class_prompts: Sequence[Sequence[str]]
-) -> np.ndarray:
-    """Prompt ensembling: per class, the renormalised mean of its prompts' unit embeddings.
-
-    class_prompts: C lists of prompts -> [C, E].
-    """
-    weights = []
-    for prompts in class_prompts:
-        emb = encoder.texts(tokenizer(list(prompts))).mean(axis=0)
-        weights.append(emb / np.linalg.norm(emb))
-    return np.stack(weights)
-
-
-def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """scores [N, C], targets [N] -> [N] how many candidates score strictly above the target."""
-    target_scores = scores[np.arange(len(targets)), targets]
-    return np.sum(scores > target_scores[:, None], axis=1)
-
-
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    return float(np.mean(ranks(scores, labels) < k))
-
-
-def mean_per_class_recall(scores: np.ndarray, labels: np.ndarray) -> float:
-    hits = ranks(scores, labels) == 0
-    return float(np.mean([hits[labels == c].mean() for c in np.unique(labels)]))
-
-
-def recall_at_k(similarity: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    """Queries [Q, G] against a gallery with one target each -> {"R@k": share ranked < k}."""
-    r = ranks(similarity, targets)
-    return {f"R@{k}": float(np.mean(r < k)) for k in ks}
+        out[f"linear_probe_{name}_acc"] = result["test_acc"]
+        out[f"linear_probe_{name}_acc_chance"] = result["test_acc_chance"]
+        out[f"linear_probe_{name}_l2"] = result["l2"]
+    return out
 
 
 def evaluate_scenes(
@@ -90,41 +92,184 @@ def evaluate_scenes(
     dataset: scenes.ScenesDataset,
     batch_size: int,
     mesh: Mesh | None = None,
-) -> dict[str, float]:
-    """Zero-shot shape/colour accuracy on held-out combinations and text->image retrieval.
+    diagnostic_suite: bool = True,
+    linear_probe: bool = False,
+    progress: bool = False,
+    probes: int = 200,
+) -> dict:
+    """The demo's evaluation: zero-shot shape/colour accuracy on held-out combinations,
+    retrieval of held-out scenes, the diagnostic suite and prompt sensitivity
+    (`clip_jax.diagnostics`, ``probes`` images per task), optionally linear probes.
 
-    Returns the metrics with their chance levels (``*_chance``) and prints a table.
+    Returns the metrics with their chance levels (``*_chance``), confusion matrices and
+    the per-template report (nested), and prints a table.
     """
-    encoder = Encoder(model, params, batch_size, mesh)
+    encoder = Encoder(model, params, batch_size, mesh, progress)
     size = model.config.vision.image_size
     things = pipeline.load_eval_set([dataset.heldout_things], tokenizer, size)
     image_emb = encoder.images(things["image"])
-    results: dict[str, float] = {}
+    results: dict = {}
     for attribute, names, templates in (
         ("shape", scenes.SHAPES, scenes.SHAPE_TEMPLATES),
         ("colour", list(scenes.COLOURS), scenes.COLOUR_TEMPLATES),
     ):
         weights = classifier_weights(encoder, tokenizer, [scenes.prompts(templates, n) for n in names])
-        scores = image_emb @ weights.T
-        results[f"zero_shot_{attribute}_top1"] = topk_accuracy(scores, things["labels"][attribute])
-        results[f"zero_shot_{attribute}_top1_chance"] = 1 / len(names)
+        labels = things["labels"][attribute]
+        results.update(classification_metrics(image_emb @ weights.T, labels, f"zero_shot_{attribute}_"))
 
     gallery = pipeline.load_eval_set([dataset.heldout_scenes], tokenizer, size)
-    similarity = encoder.texts(gallery["tokens"]) @ encoder.images(gallery["image"]).T
-    n = len(similarity)
-    for name, value in recall_at_k(similarity, np.arange(n), (1, 5)).items():
-        k = int(name.split("@")[1])
-        results[f"t2i_{name}"] = value
-        results[f"t2i_{name}_chance"] = k / n
+    scene_emb, caption_emb = encoder.images(gallery["image"]), encoder.texts(gallery["tokens"])
+    results.update(retrieval_metrics(scene_emb, caption_emb, np.arange(len(scene_emb))))
+    if diagnostic_suite:
+        results.update(diagnostics.run_suite(encoder, tokenizer, size, probes))
+        results["prompt_sensitivity"] = diagnostics.prompt_sensitivity(
+            encoder, tokenizer, image_emb, things["labels"]
+        )
+    if linear_probe:
+        results.update(scenes_linear_probe(encoder, size))
     if jax.process_index() == 0:
-        print_table("held-out scenes (never-seen colour+shape pairs)", results)
+        print_table("held-out scenes (never-seen colour+shape pairs) and diagnostics", results)
     return results
 
 
-def print_table(title: str, results: dict[str, float]) -> None:
-    print(f"\n{title}\n{'metric':<26}{'value':>8}{'chance':>9}")
+def print_table(title: str, results: dict) -> None:
+    """The scalar metrics with their chance levels; nested results are summarised."""
+    print(f"\n{title}\n{'metric':<34}{'value':>8}{'chance':>9}")
     for name, value in results.items():
-        if not name.endswith("_chance"):
-            chance = results.get(f"{name}_chance", float("nan"))
-            print(f"{name:<26}{value:>8.1%}{chance:>9.1%}")
+        if name.endswith("_chance") or not isinstance(value, float):
+            continue
+        chance = results.get(f"{name}_chance", float("nan"))
+        print(f"{name:<34}{value:>8.1%}{chance:>9.1%}")
+    for attribute, report in results.get("prompt_sensitivity", {}).items():
+        print(
+            f"prompts ({attribute}): ensemble {report['ensemble']:.1%}, best single "
+            f"{report['best_single']:.1%}, worst {report['worst_single']:.1%}, spread {report['spread']:.1%}"
+        )
     print(flush=True)
+
+
+# ------------------------------------------------------------------ command line
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+_TASK = flags.DEFINE_enum("task", "zeroshot", ["zeroshot", "retrieval", "linear_probe", "scenes"], "")
+_DATASET = flags.DEFINE_string("dataset", None, "TFDS name, folder:ROOT or array_record:GLOB.")
+_SPLIT = flags.DEFINE_string("split", "test", "TFDS split evaluated (linear probe: the test split).")
+_TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "TFDS split a linear probe is fitted on.")
+_TRAIN_DATASET = flags.DEFINE_string("train_dataset", None, "Linear probe on folders/shards: training set.")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir.")
+_CLASS_NAMES = flags.DEFINE_string("class_names", None, "File of class names, one per line.")
+_TEMPLATES = flags.DEFINE_string(
+    "templates", None, "imagenet | imagenet_simple | cifar | FILE (one per line)."
+)
+_LABEL_KEY = flags.DEFINE_string("label_key", None, "array_record: record['labels'][KEY] instead of 'label'.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate at most this many images.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Encoder batch size.")
+
+NAMED_TEMPLATES = {
+    "imagenet": zeroshot_metadata.IMAGENET_TEMPLATES,
+    "imagenet_simple": zeroshot_metadata.IMAGENET_SIMPLE_TEMPLATES,
+    "cifar": zeroshot_metadata.CIFAR_TEMPLATES,
+}
+
+
+def load_run(workdir: str, step: int | None = None):
+    """(model, params, Tokenizer, step, run config) of a training run's checkpoint."""
+    from clip_jax import export, train  # train imports this module
+
+    config = export.run_config(workdir)
+    path = export.tokenizer_path(config, workdir)
+    tokenizer = Tokenizer(path, train.build_model(config).config.text.context_length)
+    model = train.build_model(config, tokenizer.vocab_size)
+    step, params = export.restore_params(workdir, model, step)
+    return model, params, tokenizer, step, config
+
+
+def load_images(dataset: str, split: str, image_size: int, tokenizer) -> dict:
+    if dataset.startswith("folder:"):
+        return sources.image_folder(dataset.removeprefix("folder:"), image_size, _LIMIT.value)
+    if dataset.startswith("array_record:"):
+        data = sources.array_record(dataset.removeprefix("array_record:"), image_size, _LABEL_KEY.value)
+        return {k: v[: _LIMIT.value] if k != "class_names" else v for k, v in data.items()}
+    return sources.tfds(dataset, split, image_size, tokenizer, _TFDS_DATA_DIR.value, _LIMIT.value)
+
+
+def class_prompts(dataset: str, found_names) -> list[list[str]]:
+    """Class names (--class_names, else CLIP's list for a known dataset, else the data's) x templates."""
+    known = zeroshot_metadata.lookup(dataset) if ":" not in dataset.split(":")[0] else None
+    names = sources.read_class_names(_CLASS_NAMES.value) if _CLASS_NAMES.value else None
+    names = names or (known[0] if known else None) or found_names
+    if not names:
+        raise app.UsageError(f"{dataset}: no class names; pass --class_names=FILE")
+    templates = _TEMPLATES.value
+    if templates:
+        templates = NAMED_TEMPLATES.get(templates) or sources.read_templates(templates)
+    else:
+        templates = known[1] if known else ("a photo of a {}.",)
+    return prompt_sets(names, templates)
+
+
+def caption_retrieval(encoder, tokenizer, pattern: str, image_size: int) -> dict:
+    """ArrayRecord records with ``captions`` (list) or ``caption``: every caption a query."""
+    images, captions, owner = [], [], []
+    for record in pipeline.read_all(sorted(glob.glob(pattern)))[: _LIMIT.value]:
+        texts = record.get("captions") or [record["caption"]]
+        images.append(sources._decode(record["image"], image_size))
+        captions += [t.decode() if isinstance(t, bytes) else t for t in texts]
+        owner += [len(images) - 1] * len(texts)
+    image_emb, text_emb = encoder.images(np.stack(images)), encoder.texts(tokenizer(captions))
+    return retrieval.retrieval_metrics(image_emb, text_emb, np.asarray(owner))
+
+
+def run_task(task: str, dataset: str | None, workdir: str) -> dict:
+    model, params, tokenizer, step, config = load_run(workdir, _STEP.value)
+    encoder = Encoder(model, params, _BATCH.value, progress=True)
+    size = model.config.vision.image_size
+    if task == "scenes":
+        from clip_jax import train
+
+        data = train.resolve_data(config, workdir).scenes
+        results = evaluate_scenes(
+            model, params, tokenizer, data, _BATCH.value, linear_probe=True, progress=True
+        )
+    elif task == "retrieval":
+        results = caption_retrieval(encoder, tokenizer, dataset.removeprefix("array_record:"), size)
+    elif task == "zeroshot":
+        data = load_images(dataset, _SPLIT.value, size, tokenizer)
+        results = zero_shot(
+            encoder, tokenizer, data["image"], data["label"], class_prompts(dataset, data["class_names"])
+        )
+    else:
+        train_set = _TRAIN_DATASET.value or dataset
+        fit, test = (
+            load_images(train_set, _TRAIN_SPLIT.value, size, tokenizer),
+            load_images(dataset, _SPLIT.value, size, tokenizer),
+        )
+        features, labels = encoder.images(fit["image"]), fit["label"]
+        train_idx, val_idx = probe.validation_split(len(labels))
+        num_classes = int(max(labels.max(), test["label"].max())) + 1
+        results = probe.linear_probe(
+            (features[train_idx], labels[train_idx]),
+            (features[val_idx], labels[val_idx]),
+            (encoder.images(test["image"]), test["label"]),
+            num_classes,
+        )
+    return {"step": step, "task": task, "dataset": dataset, **results}
+
+
+def main(argv):
+    del argv
+    if _WORKDIR.value is None or (_TASK.value != "scenes" and not _DATASET.value):
+        raise app.UsageError("--workdir and --dataset are required (--dataset not for --task=scenes)")
+    results = run_task(_TASK.value, _DATASET.value, _WORKDIR.value)
+    print_table(f"{_TASK.value} {_DATASET.value or ''} (step {results['step']})", results)
+    name = re.sub(r"[^A-Za-z0-9.-]+", "-", _DATASET.value or "scenes").strip("-")
+    path = os.path.join(_WORKDIR.value, "eval", f"{results['step']}_{_TASK.value}_{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,7 +1,10 @@
-"""Training metrics: printed with throughput and ETA, appended to ``WORKDIR/metrics.jsonl``.
+"""Training metrics: printed with throughput and ETA, appended to ``WORKDIR/metrics.jsonl``,
+and written as TensorBoard event files under ``WORKDIR/tensorboard`` (tensorboardX:
+no TensorFlow) and to Weights & Biases when ``wandb`` is importable and a project is given.
 
 Metrics stay on device between log steps; `MetricsLogger.write` is the only
-place they are fetched to the host, so the loop does not sync every step.
+place they are fetched to the host, so the loop does not sync every step. Only
+the primary process (process 0) writes anything.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 
 def _duration(seconds: float) -> str:
@@ -23,13 +27,23 @@ def _duration(seconds: float) -> str:
 class MetricsLogger:
     """One JSON object per log step; only the primary process writes and prints."""
 
-    def __init__(self, workdir: str, total_steps: int, global_batch: int, primary: bool):
+    def __init__(
+        self,
+        workdir: str,
+        total_steps: int,
+        global_batch: int,
+        primary: bool,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        wandb_config: dict | None = None,
+    ):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.total_steps = total_steps
         self.global_batch = global_batch
         self.primary = primary
         self.start = time.perf_counter()
         self._last_time, self._last_step = self.start, 0
+        self.summaries = Summaries(workdir, tensorboard, wandb_project, wandb_config) if primary else None
 
     def write(self, step: int, step_metrics: dict) -> dict:
         """Fetches ``step_metrics`` (device scalars) and records them; returns the host dict."""
@@ -51,6 +65,7 @@ class MetricsLogger:
         if self.primary:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.summaries.scalars(step, record, "train/")
             print(
                 f"step {step}/{self.total_steps} loss {values['loss']:.4f} "
                 f"i2t {values['i2t_acc']:.3f} t2i {values['t2i_acc']:.3f} "
@@ -64,3 +79,59 @@ class MetricsLogger:
                 flush=True,
             )
         return record
+
+    def write_eval(self, step: int, results: dict) -> None:
+        """An evaluation's scalars (``eval/NAME``) to TensorBoard / W&B (the JSON is train.write_eval's)."""
+        if self.primary:
+            self.summaries.scalars(step, results, "eval/")
+
+    def close(self) -> None:
+        if self.primary:
+            self.summaries.close()
+
+
+_NUMBER = (int, float, np.floating, np.integer)
+
+
+class Summaries:
+    """TensorBoard event files (tensorboardX) and an optional W&B run; each is skipped when its
+    package is missing. Non-scalar values (lists, nested dicts, None) are left out."""
+
+    def __init__(self, workdir: str, tensorboard: bool, wandb_project: str | None, wandb_config=None):
+        self.tb = self.wandb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                print("tensorboardX not installed: no TensorBoard events", flush=True)
+            else:
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print(f"wandb not installed: not logging to project {wandb_project!r}", flush=True)
+            else:
+                name = os.path.basename(os.path.normpath(workdir))
+                self.wandb = wandb.init(project=wandb_project, name=name, config=wandb_config, dir=workdir)
+
+    def scalars(self, step: int, values: dict, prefix: str) -> None:
+        scalars = {
+            f"{prefix}{k}": float(v)
+            for k, v in values.items()
+            if k != "step"
+            and isinstance(v, int | float | np.floating | np.integer)
+            and not isinstance(v, bool)
+        }
+        if self.tb is not None:
+            for name, value in scalars.items():
+                self.tb.add_scalar(name, value, step)
+            self.tb.flush()  # at log cadence: cheap, and nothing is lost if the run is killed
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

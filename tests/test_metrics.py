@@ -26,3 +26,43 @@ def test_only_the_primary_process_writes(tmp_path, capsys):
     record = logger.write(1, {k: jnp.float32(v) for k, v in VALUES.items()})
     assert record["loss"] == 2.0
     assert not (tmp_path / "metrics.jsonl").exists() and capsys.readouterr().out == ""
+
+
+def _read_events(directory):
+    """(tag, step, value) of every scalar in the event files, parsed with tensorboardX's protobufs."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in glob.glob(str(directory / "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):  # TFRecord: length u64, crc u32, payload, crc u32
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 16 + length
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def test_tensorboard_events_without_tensorflow(tmp_path):
+    pytest.importorskip("tensorboardX")
+    logger = metrics.MetricsLogger(str(tmp_path), total_steps=10, global_batch=8, primary=True)
+    logger.write(1, {k: jnp.float32(v) for k, v in VALUES.items()})
+    logger.write_eval(10, {"zero_shot_top1": 0.5, "confusion": [[1, 0], [0, 1]], "nested": {"a": 1.0}})
+    logger.close()
+    events = _read_events(tmp_path / "tensorboard")
+    assert ("train/loss", 1, 2.0) in events and ("eval/zero_shot_top1", 10, 0.5) in events
+    tags = {tag for tag, _, _ in events}
+    assert not any(tag.startswith(("eval/confusion", "eval/nested")) for tag in tags) and "train/step" not in tags
+    assert "train/pairs_per_sec" in tags
+
+
+def test_no_events_from_other_processes(tmp_path):
+    logger = metrics.MetricsLogger(str(tmp_path), total_steps=10, global_batch=8, primary=False)
+    logger.write(1, {k: jnp.float32(v) for k, v in VALUES.items()})
+    logger.write_eval(1, {"x": 1.0})
+    assert not (tmp_path / "tensorboard").exists()

@@ -70,6 +70,11 @@ def base_config() -> ConfigDict:
             "weight_decay": 0.2,
             "wd_exclude": NO_WEIGHT_DECAY,
             "grad_clip_norm": 1.0,
+            # Fine-tuning (clip_jax/optim.py): regexes over parameter paths that get no
+            # update (LiT: ("^visual/",)), and {regex: factor} learning-rate multipliers
+            # (a parameter matched by several takes the product; 0 freezes).
+            "freeze": (),
+            "lr_multipliers": ConfigDict(),
         }
     )
     c.sharding = ConfigDict({"mesh": ConfigDict({"data": 1, "fsdp": -1, "model": 1})})
@@ -84,6 +89,10 @@ def base_config() -> ConfigDict:
             "loss": "softmax",
             # Micro-batches per step; the gradient stays the whole batch's (all negatives).
             "accum_steps": 1,
+            # Weights to start from when the workdir has no checkpoint (a checkpoint, i.e.
+            # resuming, wins): a clip_jax workdir, a params export, an HF directory or an
+            # OpenAI/open_clip state dict (anything clip_jax.inference.load reads).
+            "init_from": config_dict.placeholder(str),
         }
     )
     c.eval = ConfigDict({"batch_size": 256})

@@ -5,14 +5,30 @@ Weight decay follows CLIP: matrices decay; biases, gains, the positional
 embeddings, the class token and the logit scale do not. Which parameters are
 excluded is a list of regexes over '/'-joined parameter paths (big_vision's
 convention), e.g. ``text/transformer/block_0/attn/query/bias``.
+
+Fine-tuning uses the same paths: ``freeze`` regexes name parameters that get no
+update at all (LiT locks the image tower with ``^visual/``; "all but the last two of
+12 blocks" is ``^visual/(?!transformer/block_(10|11)/)``), and ``lr_multipliers``
+({regex: factor}) scale the learning rate of the parameters they match (a parameter
+matched by several takes the product; a factor of 0 freezes). Each parameter's update
+is scaled after AdamW (decay included, so it is AdamW at ``factor * lr``); frozen
+parameters receive -0.0 and stay bitwise unchanged. Frozen gradients are zeroed before
+clipping, so they do not shrink the trained parameters' step. The transforms are
+stateless, so the state layout (and `train.state_shardings`, which maps it with
+``optax.tree_utils.tree_map_params``, which cannot see through ``multi_transform``'s
+masks) is unchanged; the price is that frozen parameters keep (zero) Adam moments.
+With a scanned tower (``config.model.scan``) the blocks are one stacked subtree:
+freeze whole towers only.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -46,18 +62,69 @@ def make_schedule(optim_config, total_steps: int) -> optax.Schedule:
     )
 
 
+def lr_factors(params, freeze: Sequence[str] = (), lr_multipliers: Mapping[str, float] | None = None):
+    """Tree of floats: each parameter's learning-rate factor (0.0 where frozen).
+
+    Raises ValueError for a pattern that matches no parameter (a typo would
+    otherwise silently train what it meant to freeze).
+    """
+    rules = [(p, 0.0) for p in freeze] + [(p, float(f)) for p, f in (lr_multipliers or {}).items()]
+    paths = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for pattern, _ in rules:
+        if not any(re.search(pattern, path) for path in paths):
+            raise ValueError(f"optimizer pattern {pattern!r} matches no parameter (e.g. {paths[:3]})")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: math.prod(f for pattern, f in rules if re.search(pattern, param_path(path))),
+        params,
+    )
+
+
+def scale_by_path(freeze: Sequence[str], lr_multipliers: Mapping[str, float], gate: bool = False):
+    """Stateless: multiplies each update by its parameter's factor (`lr_factors`).
+
+    ``gate``: multiply by 1 or 0 only (zero the frozen gradients, pass the rest).
+    A frozen update becomes -0.0: ``p + (-0.0)`` is ``p`` bitwise for every p (+0.0 is
+    not: ``-0.0 + 0.0 = +0.0``). Factors come from the paths at trace time: constants.
+    """
+
+    def update(updates, state, params=None):
+        del params
+
+        def apply(u, factor):
+            if factor == 0.0:
+                return jnp.full_like(u, -0.0)
+            return u if gate or factor == 1.0 else u * factor
+
+        return jax.tree.map(apply, updates, lr_factors(updates, freeze, lr_multipliers)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim_config, total_steps: int):
-    """Returns (optax transformation, learning-rate schedule)."""
+    """Returns (optax transformation, learning-rate schedule).
+
+    With ``freeze`` / ``lr_multipliers``: frozen gradients are zeroed before global-norm
+    clipping, and AdamW's updates (decay included) are scaled per parameter after it.
+    The transforms are stateless, so the optimizer state keeps its layout.
+    """
     schedule = make_schedule(optim_config, total_steps)
+    freeze = tuple(optim_config.get("freeze") or ())
+    multipliers = dict(optim_config.get("lr_multipliers") or {})
+    adamw = optax.adamw(
+        schedule,
+        b1=optim_config.b1,
+        b2=optim_config.b2,
+        eps=optim_config.eps,
+        weight_decay=optim_config.weight_decay,
+        mask=lambda params: weight_decay_mask(params, optim_config.wd_exclude),
+    )
+    clip_grads = optax.clip_by_global_norm(optim_config.grad_clip_norm)
+    if not freeze and not multipliers:
+        return optax.chain(clip_grads, adamw), schedule
     tx = optax.chain(
-        optax.clip_by_global_norm(optim_config.grad_clip_norm),
-        optax.adamw(
-            schedule,
-            b1=optim_config.b1,
-            b2=optim_config.b2,
-            eps=optim_config.eps,
-            weight_decay=optim_config.weight_decay,
-            mask=lambda params: weight_decay_mask(params, optim_config.wd_exclude),
-        ),
+        scale_by_path(freeze, multipliers, gate=True),
+        clip_grads,
+        adamw,
+        scale_by_path(freeze, multipliers),
     )
     return tx, schedule

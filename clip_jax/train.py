@@ -262,6 +262,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if state is None:
                 init = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=shardings)
                 state = init(jax.random.key(config.train.seed))
+                if config.train.init_from:  # fine-tuning: the given weights, a fresh optimizer
+                    from clip_jax import inference  # here: it imports train for workdirs
+
+                    params = inference.matching_params(config.train.init_from, state.params)
+                    fresh = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
+                    state = jax.jit(fresh, out_shardings=shardings)(params)
+                    if primary:
+                        print(f"initialised from {config.train.init_from}", flush=True)
             elif primary:
                 print(f"resumed from step {int(state.step)}", flush=True)
             step = make_train_step(model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed)

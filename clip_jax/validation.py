@@ -5,6 +5,9 @@ Every error names the config field and says what to do.
 
 from __future__ import annotations
 
+import os
+import re
+
 import ml_collections
 from jax.sharding import Mesh
 
@@ -57,6 +60,33 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"config.model.patch_dropout={config.model.patch_dropout} must be in [0, 1)",
     )
     check_data(config.data)
+    check_finetune(config)
+
+
+def check_finetune(config: ml_collections.ConfigDict) -> None:
+    """``optim.freeze`` / ``optim.lr_multipliers`` regexes and factors, ``train.init_from``."""
+    freeze = config.optim.get("freeze") or ()
+    _require(
+        not isinstance(freeze, str),
+        f"config.optim.freeze={freeze!r} must be a tuple of regexes, e.g. ('^visual/',)",
+    )
+    multipliers = dict(config.optim.get("lr_multipliers") or {})
+    for field, pattern in [("freeze", p) for p in freeze] + [("lr_multipliers", p) for p in multipliers]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"config.optim.{field}: {pattern!r} is not a regex ({e})") from None
+    for pattern, factor in multipliers.items():
+        _require(
+            isinstance(factor, int | float) and factor >= 0,
+            f"config.optim.lr_multipliers[{pattern!r}]={factor!r} must be a number >= 0",
+        )
+    init_from = config.train.get("init_from")
+    _require(
+        not init_from or os.path.exists(init_from),
+        f"config.train.init_from={init_from!r} does not exist (a clip_jax workdir, a params "
+        "export, an HF directory or an OpenAI/open_clip state dict)",
+    )
 
 
 def _check_range(field: str, value, low: float, high: float) -> None:

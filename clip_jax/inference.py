@@ -1,0 +1,204 @@
+"""Inference: ``clip_jax.load(path)`` -> a model with its weights, tokenizer and preprocessing.
+
+    model = clip_jax.load("/tmp/clip_emoji")             # a run's latest checkpoint
+    image_emb = model.encode_image(["cat.png", pil_image])  # [N, E], unit norm
+    text_emb = model.encode_text(["a cat", "a dog"])        # [M, E], unit norm
+    probs = model.probabilities(image_emb, text_emb)         # [N, M], softmax over M
+
+``path`` is any of: a clip_jax workdir (``config.json`` + ``checkpoints/``; the latest
+step), a ``params`` export (``python -m clip_jax.export --format=params``, which
+carries the run's ``tokenizer.model``), an HF ``CLIPModel`` directory (with the CLIP
+BPE's ``vocab.json`` + ``merges.txt`` beside the weights for text), or an
+OpenAI/open_clip state dict (see `clip_jax.interop.files.load`).
+
+Preprocessing is evaluation's: decode (EXIF, alpha over white), resize the short side
+(bicubic), centre-crop, CLIP's mean/std on device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from clip_jax.data import transforms
+from clip_jax.interop import files, mapping, openai_resnet
+from clip_jax.models import clip
+
+SENTENCEPIECE = "tokenizer.model"
+BPE_VOCAB, BPE_MERGES = "vocab.json", "merges.txt"
+
+
+def is_workdir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+        os.path.join(path, "checkpoints")
+    )
+
+
+def load_weights(path: str, step: int | None = None) -> tuple[clip.CLIPConfig, dict, str | None]:
+    """(CLIPConfig, weights as nested float32 numpy, tokenizer file or None) of anything `load` reads.
+
+    Scanned (stacked) blocks are split into ``block_i``; a ResNet tower's BatchNorm
+    statistics stay under the top-level ``batch_stats`` key.
+    """
+    if is_workdir(path):
+        from clip_jax import export  # pulls in train (orbax, grain): only for workdirs
+
+        source = export.from_workdir(path, step)
+        return source["config"], mapping.stack_free(source["params"]), source["tokenizer"]
+    config, params = files.load(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    tokenizer = None
+    if os.path.exists(os.path.join(folder, SENTENCEPIECE)):
+        tokenizer = os.path.join(folder, SENTENCEPIECE)
+    elif os.path.exists(os.path.join(folder, BPE_VOCAB)) and os.path.exists(os.path.join(folder, BPE_MERGES)):
+        tokenizer = os.path.join(folder, BPE_VOCAB)
+    return config, params, tokenizer
+
+
+def make_tokenizer(path: str, context_length: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """A sentencepiece ``.model``, or CLIP's BPE from ``vocab.json`` (+ ``merges.txt`` beside it)."""
+    if path.endswith(".json"):
+        from clip_jax.data.clip_bpe import ClipBpeTokenizer
+
+        return ClipBpeTokenizer(path, os.path.join(os.path.dirname(path), BPE_MERGES), context_length)
+    from clip_jax.data.tokenizer import Tokenizer
+
+    return Tokenizer(path, context_length)
+
+
+def read_image(item: Any) -> Image.Image:
+    """A path, encoded bytes or a PIL image -> RGB PIL image. Raises OSError / `BadRecord`."""
+    if isinstance(item, Image.Image):
+        return transforms.to_rgb(item)
+    if isinstance(item, str | os.PathLike):
+        with open(item, "rb") as f:
+            item = f.read()
+    return transforms.decode_image(item)
+
+
+@dataclasses.dataclass
+class CLIPModel:
+    """A loaded model. ``params`` is the weights tree (plus ``batch_stats`` for a ResNet)."""
+
+    model: clip.CLIP
+    params: dict
+    tokenizer: Callable[[Sequence[str]], np.ndarray] | None
+    source: str
+    batch_size: int = 64
+
+    def __post_init__(self):
+        self._variables = jax.device_put(openai_resnet.split_variables(self.params))
+        apply = self.model.apply
+        self._image = jax.jit(lambda v, x: apply(v, transforms.normalize(x), method=clip.CLIP.encode_image))
+        self._text = jax.jit(lambda v, t: apply(v, t, method=clip.CLIP.encode_text))
+
+    @property
+    def config(self) -> clip.CLIPConfig:
+        return self.model.config
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale): the temperature's inverse the model was trained with."""
+        return float(np.exp(self.params["logit_scale"]))
+
+    def preprocess(self, item: Any) -> np.ndarray:
+        """One image (path, bytes, PIL, or uint8 array [H, W, 3]) -> uint8 [S, S, 3]."""
+        if isinstance(item, np.ndarray):
+            item = Image.fromarray(item.astype(np.uint8))
+        return transforms.resize_center_crop(read_image(item), self.image_size)
+
+    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+        """Runs ``fn`` over batches; a short batch is padded to a power of two (few compiles)."""
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            chunk = x[i : i + self.batch_size]
+            size = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+            padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(fn(self._variables, padded))[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
+
+    def encode_image(self, images: Any) -> np.ndarray:
+        """uint8 [N, S, S, 3] (already preprocessed), or a list of paths / PIL images /
+        arrays -> unit-norm float32 [N, E]."""
+        is_batch = isinstance(images, np.ndarray) and images.ndim == 4
+        if not (is_batch and images.shape[1:3] == (self.image_size, self.image_size)):
+            images = (
+                np.stack([self.preprocess(x) for x in images])
+                if len(images)
+                else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+            )
+        return self._batched(self._image, np.asarray(images, np.uint8))
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Captions -> unit-norm float32 [N, E]."""
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{self.source}: no tokenizer found ({SENTENCEPIECE}, or {BPE_VOCAB} + {BPE_MERGES} "
+                "beside the weights); pass load(..., tokenizer=PATH)"
+            )
+        return self._batched(self._text, self.tokenizer(list(texts)))
+
+    def probabilities(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+        """softmax over the texts of ``logit_scale * cosine``: [N, E] x [M, E] -> [N, M]."""
+        return np.asarray(jax.nn.softmax(self.logit_scale * jnp.asarray(image_emb @ text_emb.T), axis=-1))
+
+
+def load(
+    path: str,
+    *,
+    step: int | None = None,
+    tokenizer: str | None = None,
+    batch_size: int = 64,
+    dtype: str = "float32",
+) -> CLIPModel:
+    """Loads a workdir, export or imported directory (see the module docstring) for inference.
+
+    ``tokenizer``: a sentencepiece ``.model`` or a CLIP BPE ``vocab.json``, when none
+    is found with the weights. ``step``: a workdir's checkpoint (default: the latest).
+    """
+    config, params, found = load_weights(path, step)
+    tokenizer = tokenizer or found
+    tok = make_tokenizer(tokenizer, config.text.context_length) if tokenizer else None
+    model = clip.CLIP(config, dtype=jnp.dtype(dtype))
+    return CLIPModel(model, params, tok, path, batch_size)
+
+
+def matching_params(path: str, reference: Any) -> dict:
+    """The weights at ``path`` in the layout of ``reference`` (a model's params tree or its
+    abstract shapes): for ``config.train.init_from``. Every parameter must be there with
+    its shape, except ``logit_bias`` (SigLIP from a CLIP), which keeps ``reference``'s.
+
+    Raises ValueError naming the parameters that are missing, extra or mis-shaped.
+    """
+    _, weights, _ = load_weights(path)
+    weights = {k: v for k, v in weights.items() if k != openai_resnet.BATCH_STATS}
+    leaves = jax.tree_util.tree_leaves_with_path(reference)
+    want = {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
+    if any("/blocks/" in k for k in want):
+        raise ValueError("config.train.init_from: unstack first; config.model.scan=True is not supported")
+    have = mapping.flatten(weights)
+    missing = sorted(set(want) - set(have) - {"logit_bias"})
+    extra = sorted(set(have) - set(want))
+    shapes = [
+        f"{k}: {have[k].shape} != {want[k].shape}"
+        for k in sorted(set(want) & set(have))
+        if tuple(have[k].shape) != tuple(want[k].shape)
+    ]
+    if missing or extra or shapes:
+        raise ValueError(
+            f"config.train.init_from={path!r} does not fit config.model (variant, context_length, "
+            f"the tokenizer's vocabulary): missing {missing[:5]}, extra {extra[:5]}, shapes {shapes[:5]}"
+        )
+    flat = {k: np.asarray(have[k], want[k].dtype) if k in have else want[k] for k in want}
+    return mapping.unflatten(flat)

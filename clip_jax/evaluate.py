@@ -150,21 +150,25 @@ def print_table(title: str, results: dict) -> None:
 
 # ------------------------------------------------------------------ command line
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
-_TASK = flags.DEFINE_enum("task", "zeroshot", ["zeroshot", "retrieval", "linear_probe", "scenes"], "")
-_DATASET = flags.DEFINE_string("dataset", None, "TFDS name, folder:ROOT or array_record:GLOB.")
-_SPLIT = flags.DEFINE_string("split", "test", "TFDS split evaluated (linear probe: the test split).")
-_TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "TFDS split a linear probe is fitted on.")
-_TRAIN_DATASET = flags.DEFINE_string("train_dataset", None, "Linear probe on folders/shards: training set.")
-_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir.")
-_CLASS_NAMES = flags.DEFINE_string("class_names", None, "File of class names, one per line.")
-_TEMPLATES = flags.DEFINE_string(
-    "templates", None, "imagenet | imagenet_simple | cifar | FILE (one per line)."
-)
-_LABEL_KEY = flags.DEFINE_string("label_key", None, "array_record: record['labels'][KEY] instead of 'label'.")
-_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate at most this many images.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Encoder batch size.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when run as a program (export.py defines --workdir too)."""
+    flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+    flags.DEFINE_enum("task", "zeroshot", ["zeroshot", "retrieval", "linear_probe", "scenes"], "")
+    flags.DEFINE_string("dataset", None, "TFDS name, folder:ROOT or array_record:GLOB.")
+    flags.DEFINE_string("split", "test", "TFDS split evaluated (linear probe: the test split).")
+    flags.DEFINE_string("train_split", "train", "TFDS split a linear probe is fitted on.")
+    flags.DEFINE_string("train_dataset", None, "Linear probe on folders/shards: training set.")
+    flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir.")
+    flags.DEFINE_string("class_names", None, "File of class names, one per line.")
+    flags.DEFINE_string("templates", None, "imagenet | imagenet_simple | cifar | FILE (one per line).")
+    flags.DEFINE_string("label_key", None, "array_record: record['labels'][KEY] instead of 'label'.")
+    flags.DEFINE_integer("limit", None, "Evaluate at most this many images.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_integer("batch_size", 256, "Encoder batch size.")
+
 
 NAMED_TEMPLATES = {
     "imagenet": zeroshot_metadata.IMAGENET_TEMPLATES,
@@ -187,21 +191,21 @@ def load_run(workdir: str, step: int | None = None):
 
 def load_images(dataset: str, split: str, image_size: int, tokenizer) -> dict:
     if dataset.startswith("folder:"):
-        return sources.image_folder(dataset.removeprefix("folder:"), image_size, _LIMIT.value)
+        return sources.image_folder(dataset.removeprefix("folder:"), image_size, FLAGS.limit)
     if dataset.startswith("array_record:"):
-        data = sources.array_record(dataset.removeprefix("array_record:"), image_size, _LABEL_KEY.value)
-        return {k: v[: _LIMIT.value] if k != "class_names" else v for k, v in data.items()}
-    return sources.tfds(dataset, split, image_size, tokenizer, _TFDS_DATA_DIR.value, _LIMIT.value)
+        data = sources.array_record(dataset.removeprefix("array_record:"), image_size, FLAGS.label_key)
+        return {k: v[: FLAGS.limit] if k != "class_names" else v for k, v in data.items()}
+    return sources.tfds(dataset, split, image_size, tokenizer, FLAGS.tfds_data_dir, FLAGS.limit)
 
 
 def class_prompts(dataset: str, found_names) -> list[list[str]]:
     """Class names (--class_names, else CLIP's list for a known dataset, else the data's) x templates."""
     known = zeroshot_metadata.lookup(dataset) if ":" not in dataset.split(":")[0] else None
-    names = sources.read_class_names(_CLASS_NAMES.value) if _CLASS_NAMES.value else None
+    names = sources.read_class_names(FLAGS.class_names) if FLAGS.class_names else None
     names = names or (known[0] if known else None) or found_names
     if not names:
         raise app.UsageError(f"{dataset}: no class names; pass --class_names=FILE")
-    templates = _TEMPLATES.value
+    templates = FLAGS.templates
     if templates:
         templates = NAMED_TEMPLATES.get(templates) or sources.read_templates(templates)
     else:
@@ -212,7 +216,7 @@ def class_prompts(dataset: str, found_names) -> list[list[str]]:
 def caption_retrieval(encoder, tokenizer, pattern: str, image_size: int) -> dict:
     """ArrayRecord records with ``captions`` (list) or ``caption``: every caption a query."""
     images, captions, owner = [], [], []
-    for record in pipeline.read_all(sorted(glob.glob(pattern)))[: _LIMIT.value]:
+    for record in pipeline.read_all(sorted(glob.glob(pattern)))[: FLAGS.limit]:
         texts = record.get("captions") or [record["caption"]]
         images.append(sources._decode(record["image"], image_size))
         captions += [t.decode() if isinstance(t, bytes) else t for t in texts]
@@ -222,28 +226,28 @@ def caption_retrieval(encoder, tokenizer, pattern: str, image_size: int) -> dict
 
 
 def run_task(task: str, dataset: str | None, workdir: str) -> dict:
-    model, params, tokenizer, step, config = load_run(workdir, _STEP.value)
-    encoder = Encoder(model, params, _BATCH.value, progress=True)
+    model, params, tokenizer, step, config = load_run(workdir, FLAGS.step)
+    encoder = Encoder(model, params, FLAGS.batch_size, progress=True)
     size = model.config.vision.image_size
     if task == "scenes":
         from clip_jax import train
 
         data = train.resolve_data(config, workdir).scenes
         results = evaluate_scenes(
-            model, params, tokenizer, data, _BATCH.value, linear_probe=True, progress=True
+            model, params, tokenizer, data, FLAGS.batch_size, linear_probe=True, progress=True
         )
     elif task == "retrieval":
         results = caption_retrieval(encoder, tokenizer, dataset.removeprefix("array_record:"), size)
     elif task == "zeroshot":
-        data = load_images(dataset, _SPLIT.value, size, tokenizer)
+        data = load_images(dataset, FLAGS.split, size, tokenizer)
         results = zero_shot(
             encoder, tokenizer, data["image"], data["label"], class_prompts(dataset, data["class_names"])
         )
     else:
-        train_set = _TRAIN_DATASET.value or dataset
+        train_set = FLAGS.train_dataset or dataset
         fit, test = (
-            load_images(train_set, _TRAIN_SPLIT.value, size, tokenizer),
-            load_images(dataset, _SPLIT.value, size, tokenizer),
+            load_images(train_set, FLAGS.train_split, size, tokenizer),
+            load_images(dataset, FLAGS.split, size, tokenizer),
         )
         features, labels = encoder.images(fit["image"]), fit["label"]
         train_idx, val_idx = probe.validation_split(len(labels))
@@ -259,12 +263,12 @@ def run_task(task: str, dataset: str | None, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    if _WORKDIR.value is None or (_TASK.value != "scenes" and not _DATASET.value):
+    if FLAGS.workdir is None or (FLAGS.task != "scenes" and not FLAGS.dataset):
         raise app.UsageError("--workdir and --dataset are required (--dataset not for --task=scenes)")
-    results = run_task(_TASK.value, _DATASET.value, _WORKDIR.value)
-    print_table(f"{_TASK.value} {_DATASET.value or ''} (step {results['step']})", results)
-    name = re.sub(r"[^A-Za-z0-9.-]+", "-", _DATASET.value or "scenes").strip("-")
-    path = os.path.join(_WORKDIR.value, "eval", f"{results['step']}_{_TASK.value}_{name}.json")
+    results = run_task(FLAGS.task, FLAGS.dataset, FLAGS.workdir)
+    print_table(f"{FLAGS.task} {FLAGS.dataset or ''} (step {results['step']})", results)
+    name = re.sub(r"[^A-Za-z0-9.-]+", "-", FLAGS.dataset or "scenes").strip("-")
+    path = os.path.join(FLAGS.workdir, "eval", f"{results['step']}_{FLAGS.task}_{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
@@ -272,4 +276,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,0 +1,247 @@
+"""An HTML report of a training run: ``python -m clip_jax.report WORKDIR``.
+
+Writes ``WORKDIR/report/index.html`` and PNGs: training curves from
+``metrics.jsonl`` (loss, in-batch accuracies, logit scale, learning rate,
+throughput), evaluation results over steps from ``eval/*.json`` with their
+chance levels, confusion matrices of small label sets, per-template prompt
+accuracies, and (for the synthetic-scenes demo, from the latest checkpoint) a
+retrieval gallery: the top images of a few captions, the top captions of a few images.
+"""
+
+from __future__ import annotations
+
+import glob
+import html
+import json
+import os
+import re
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CURVES = (
+    ("loss", ("loss",)),
+    ("in-batch accuracy", ("i2t_acc", "t2i_acc")),
+    ("logit scale", ("logit_scale",)),
+    ("learning rate", ("lr",)),
+    ("throughput (pairs/s)", ("pairs_per_sec",)),
+    ("gradient norm", ("grad_norm",)),
+)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_evals(workdir: str) -> dict[str, list[tuple[int, dict]]]:
+    """eval/STEP[_TASK_DATASET].json -> {"" or "TASK_DATASET": [(step, results), ...] by step}."""
+    out: dict[str, list] = {}
+    for path in glob.glob(os.path.join(workdir, "eval", "*.json")):
+        match = re.fullmatch(r"(\d+)_?(.*)\.json", os.path.basename(path))
+        if match:
+            with open(path) as f:
+                out.setdefault(match.group(2), []).append((int(match.group(1)), json.load(f)))
+    return {k: sorted(v, key=lambda x: x[0]) for k, v in sorted(out.items())}
+
+
+def _scalars(results: dict) -> dict[str, float]:
+    return {k: v for k, v in results.items() if isinstance(v, int | float) and k != "step"}
+
+
+def plot_training(rows: list[dict], path: str) -> None:
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    steps = [r["step"] for r in rows]
+    for ax, (title, keys) in zip(axes.flat, CURVES, strict=True):
+        for key in keys:
+            ys = [r.get(key) for r in rows]
+            # The first throughput point includes compilation.
+            xs, ys = (steps[1:], ys[1:]) if key == "pairs_per_sec" and len(rows) > 1 else (steps, ys)
+            ax.plot(xs, ys, label=key, marker="." if len(rows) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_eval_steps(history: list[tuple[int, dict]], path: str) -> None:
+    """Metrics (not chance levels) over evaluation steps; chance as dashed lines."""
+    names = [k for k in _scalars(history[-1][1]) if not k.endswith("_chance")][:12]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    steps = [s for s, _ in history]
+    for name in names:
+        (line,) = ax.plot(steps, [r.get(name, np.nan) for _, r in history], marker="o", label=name)
+        if f"{name}_chance" in history[-1][1]:
+            ax.axhline(history[-1][1][f"{name}_chance"], color=line.get_color(), ls="--", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("evaluation over steps (dashed: chance)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_confusion(matrix, labels, title: str, path: str) -> None:
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(matrix), 0.8 + 0.5 * len(matrix)))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(
+            j, i, str(v), ha="center", va="center", fontsize=8, color="k" if v < matrix.max() / 2 else "w"
+        )
+    ticks = range(len(matrix))
+    ax.set_xticks(ticks, labels or ticks, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels or ticks)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_prompts(report: dict, title: str, path: str) -> None:
+    templates = list(report["per_template"])
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(templates) + 1.2))
+    ax.barh(templates, [report["per_template"][t] for t in templates], color="tab:blue")
+    ax.axvline(report["ensemble"], color="tab:green", label=f"ensemble {report['ensemble']:.1%}")
+    ax.axvline(report["chance"], color="grey", ls="--", label=f"chance {report['chance']:.1%}")
+    ax.set_xlim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def class_names_for(key: str):
+    from clip_jax.data import scenes
+
+    if key.startswith("zero_shot_shape"):
+        return list(scenes.SHAPES)
+    if key.startswith("zero_shot_colour"):
+        return list(scenes.COLOURS)
+    return None
+
+
+def scenes_gallery(workdir: str, path: str, queries: int = 4, top: int = 4) -> bool:
+    """Top images for a few held-out captions and top captions for a few held-out images."""
+    from clip_jax import evaluate, train
+    from clip_jax.data import pipeline
+    from clip_jax.eval import retrieval
+
+    model, params, tokenizer, step, config = evaluate.load_run(workdir)
+    data = train.resolve_data(config, workdir).scenes
+    if data is None:
+        return False
+    gallery = pipeline.load_eval_set([data.heldout_scenes], tokenizer, model.config.vision.image_size)
+    encoder = evaluate.Encoder(model, params, 128)
+    sim = encoder.texts(gallery["tokens"]) @ encoder.images(gallery["image"]).T  # [T, N]
+    text_top, image_top = retrieval.top_matches(sim, top), retrieval.top_matches(sim.T, 3)
+    fig, axes = plt.subplots(2 * queries, top + 1, figsize=(2.0 * (top + 1), 2.0 * 2 * queries))
+    for q in range(queries):
+        ax_row = axes[q]
+        ax_row[0].text(0, 0.5, gallery["caption"][q], wrap=True, fontsize=8, va="center")
+        for j, idx in enumerate(text_top[q]):
+            ax_row[j + 1].imshow(gallery["image"][idx])
+            ax_row[j + 1].set_title(f"#{j + 1}" + (" (target)" if idx == q else ""), fontsize=7)
+        ax_row = axes[queries + q]
+        image = queries + q
+        ax_row[0].imshow(gallery["image"][image])
+        ax_row[0].set_title("image query", fontsize=7)
+        lines = [
+            f"{j + 1}. {gallery['caption'][c]}" + (" *" if c == image else "")
+            for j, c in enumerate(image_top[image])
+        ]
+        ax_row[1].text(0, 0.5, "\n".join(lines), fontsize=8, va="center")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"retrieval on held-out scenes, step {step} (* / target: the true pair)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _table(results: dict) -> str:
+    rows = []
+    for name, value in _scalars(results).items():
+        if name.endswith("_chance"):
+            continue
+        chance = results.get(f"{name}_chance")
+        chance_text = f"{chance:.3f}" if isinstance(chance, int | float) else ""
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{value:.3f}</td><td>{chance_text}</td></tr>")
+    return "<table><tr><th>metric</th><th>value</th><th>chance</th></tr>" + "".join(rows) + "</table>"
+
+
+def build(workdir: str) -> str:
+    """Writes the report; returns the path of index.html."""
+    out = os.path.join(workdir, "report")
+    os.makedirs(out, exist_ok=True)
+    parts = [f"<h1>clip_jax run: {html.escape(os.path.abspath(workdir))}</h1>"]
+    rows = read_metrics(workdir)
+    if rows:
+        plot_training(rows, os.path.join(out, "training.png"))
+        last = rows[-1]
+        parts.append(
+            f"<h2>Training</h2><p>{len(rows)} log lines, last step {last['step']}, "
+            f"loss {last['loss']:.4f}</p><img src='training.png'>"
+        )
+    for group, history in read_evals(workdir).items():
+        label = group or "end-of-training evaluation"
+        step, results = history[-1]
+        parts.append(f"<h2>Evaluation: {html.escape(label)} (step {step})</h2>{_table(results)}")
+        slug = re.sub(r"\W+", "_", group) or "eval"
+        if len(history) > 1:
+            plot_eval_steps(history, os.path.join(out, f"{slug}_steps.png"))
+            parts.append(f"<img src='{slug}_steps.png'>")
+        for key, matrix in results.items():
+            if key.endswith("confusion"):
+                name = f"{slug}_{key}.png"
+                plot_confusion(matrix, class_names_for(key), f"{key} (step {step})", os.path.join(out, name))
+                parts.append(f"<img src='{name}'>")
+        for attribute, report in results.get("prompt_sensitivity", {}).items():
+            name = f"{slug}_prompts_{attribute}.png"
+            plot_prompts(
+                report, f"zero-shot {attribute}: accuracy per prompt template", os.path.join(out, name)
+            )
+            parts.append(f"<img src='{name}'>")
+    if glob.glob(os.path.join(workdir, "checkpoints", "*")):
+        try:
+            if scenes_gallery(workdir, os.path.join(out, "gallery.png")):
+                parts.append("<h2>Retrieval gallery</h2><img src='gallery.png'>")
+        except Exception as e:  # the report still builds without the gallery
+            parts.append(f"<p>no gallery: {html.escape(type(e).__name__)}: {html.escape(str(e)[:200])}</p>")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%;display:block;margin:1em 0}"
+    )
+    head = f"<meta charset='utf-8'><title>clip_jax report</title><style>{style}</style>"
+    page = f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"
+    path = os.path.join(out, "index.html")
+    with open(path, "w") as f:
+        f.write(page)
+    return path
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m clip_jax.report WORKDIR")
+    print(f"wrote {build(argv[1])}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

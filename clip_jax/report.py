@@ -151,27 +151,32 @@ def scenes_gallery(workdir: str, path: str, queries: int = 4, top: int = 4) -> b
     encoder = evaluate.Encoder(model, params, 128)
     sim = encoder.texts(gallery["tokens"]) @ encoder.images(gallery["image"]).T  # [T, N]
     text_top, image_top = retrieval.top_matches(sim, top), retrieval.top_matches(sim.T, 3)
-    fig, axes = plt.subplots(2 * queries, top + 1, figsize=(2.0 * (top + 1), 2.0 * 2 * queries))
-    for q in range(queries):
-        ax_row = axes[q]
-        ax_row[0].text(0, 0.5, gallery["caption"][q], wrap=True, fontsize=8, va="center")
+    fig = plt.figure(figsize=(2.2 * top, 2.6 * 2 * queries))
+    grid = fig.add_gridspec(2 * queries, top, hspace=0.7, wspace=0.15)
+    for q in range(queries):  # text -> images: the caption above its top images
         for j, idx in enumerate(text_top[q]):
-            ax_row[j + 1].imshow(gallery["image"][idx])
-            ax_row[j + 1].set_title(f"#{j + 1}" + (" (target)" if idx == q else ""), fontsize=7)
-        ax_row = axes[queries + q]
+            ax = fig.add_subplot(grid[q, j])
+            ax.imshow(gallery["image"][idx])
+            ax.set_xlabel(f"#{j + 1}" + (" (true image)" if idx == q else ""), fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.set_title(f"query: {gallery['caption'][q]}", loc="left", fontsize=9)
+    for q in range(queries):  # image -> captions
         image = queries + q
-        ax_row[0].imshow(gallery["image"][image])
-        ax_row[0].set_title("image query", fontsize=7)
+        ax = fig.add_subplot(grid[queries + q, 0])
+        ax.imshow(gallery["image"][image])
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title("image query", loc="left", fontsize=9)
+        ax = fig.add_subplot(grid[queries + q, 1:])
+        ax.axis("off")
         lines = [
-            f"{j + 1}. {gallery['caption'][c]}" + (" *" if c == image else "")
+            f"{j + 1}. {gallery['caption'][c]}" + ("   <- true caption" if c == image else "")
             for j, c in enumerate(image_top[image])
         ]
-        ax_row[1].text(0, 0.5, "\n".join(lines), fontsize=8, va="center")
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(f"retrieval on held-out scenes, step {step} (* / target: the true pair)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+        lines.append(f"(true: {gallery['caption'][image]})")
+        ax.text(0, 0.5, "\n".join(lines), fontsize=9, va="center")
+    fig.suptitle(f"retrieval among {len(sim)} held-out scenes, step {step}", fontsize=11)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return True
 

@@ -117,7 +117,8 @@ def run_suite(encoder, tokenizer, image_size: int, count: int = 200, seed: int =
         groups = np.asarray(probes["group"])
         if len(set(groups)) > 1:
             for group in sorted(set(groups)):
-                out[f"diag_{task}_{group.replace(' ', '_')}_acc"] = float(hits[groups == group].mean())
+                name = f"diag_{task}_{group.replace(' ', '_')}_acc"
+                out[name], out[f"{name}_chance"] = float(hits[groups == group].mean()), 0.5
     return out
 
 

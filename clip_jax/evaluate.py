@@ -136,7 +136,7 @@ def print_table(title: str, results: dict) -> None:
     """The scalar metrics with their chance levels; nested results are summarised."""
     print(f"\n{title}\n{'metric':<34}{'value':>8}{'chance':>9}")
     for name, value in results.items():
-        if name.endswith("_chance") or not isinstance(value, float):
+        if name.endswith(("_chance", "_l2")) or not isinstance(value, float):
             continue
         chance = results.get(f"{name}_chance", float("nan"))
         print(f"{name:<34}{value:>8.1%}{chance:>9.1%}")
@@ -154,8 +154,13 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The command line's flags, defined only when run as a program (export.py defines --workdir too)."""
-    flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+    """The command line's flags, defined only when run as a program. `load_run` reads the
+    checkpoint through clip_jax.export, whose import defines --workdir and --step (same meaning)."""
+    from clip_jax import export  # noqa: F401
+
+    # export marks its --out required on import; it means nothing here.
+    flags.FLAGS.set_default("out", "")
+
     flags.DEFINE_enum("task", "zeroshot", ["zeroshot", "retrieval", "linear_probe", "scenes"], "")
     flags.DEFINE_string("dataset", None, "TFDS name, folder:ROOT or array_record:GLOB.")
     flags.DEFINE_string("split", "test", "TFDS split evaluated (linear probe: the test split).")
@@ -166,7 +171,6 @@ def define_flags() -> None:
     flags.DEFINE_string("templates", None, "imagenet | imagenet_simple | cifar | FILE (one per line).")
     flags.DEFINE_string("label_key", None, "array_record: record['labels'][KEY] instead of 'label'.")
     flags.DEFINE_integer("limit", None, "Evaluate at most this many images.")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_integer("batch_size", 256, "Encoder batch size.")
 
 
@@ -266,7 +270,8 @@ def main(argv):
     if FLAGS.workdir is None or (FLAGS.task != "scenes" and not FLAGS.dataset):
         raise app.UsageError("--workdir and --dataset are required (--dataset not for --task=scenes)")
     results = run_task(FLAGS.task, FLAGS.dataset, FLAGS.workdir)
-    print_table(f"{FLAGS.task} {FLAGS.dataset or ''} (step {results['step']})", results)
+    if FLAGS.task != "scenes":  # evaluate_scenes prints its own table
+        print_table(f"{FLAGS.task} {FLAGS.dataset or ''} (step {results['step']})", results)
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", FLAGS.dataset or "scenes").strip("-")
     path = os.path.join(FLAGS.workdir, "eval", f"{results['step']}_{FLAGS.task}_{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

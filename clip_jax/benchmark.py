@@ -115,7 +115,8 @@ def bench_jax_step(variant, batch, dtype, loss, steps, patch_dropout=0.0, **mode
         _timed(run_step, 2)
         times = _timed(run_step, steps)
     step_s = statistics.median(times)
-    kept = model.config.vision.num_patches - int(model.config.vision.num_patches * patch_dropout)
+    patches = getattr(model.config.vision, "num_patches", None)  # None: a ResNet tower
+    kept = None if patches is None else patches - int(patches * patch_dropout)
     flops = 3 * clip.forward_flops_per_pair(model.config, kept) * batch
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

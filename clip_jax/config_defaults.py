@@ -16,6 +16,7 @@ NO_WEIGHT_DECAY = (
     r"class_token$",
     r"^logit_scale$",
     r"^logit_bias$",
+    r"(^|/)(bn\d|downsample_bn)/scale$",  # BatchNorm gains of the ResNet towers
 )
 
 

@@ -54,26 +54,31 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def restore_params(workdir: str, model: clip.CLIP, step: int | None) -> tuple[int, Any]:
-    """(step, params) from ``WORKDIR/checkpoints``, on one device; only the params are read."""
+    """(step, weights) from ``WORKDIR/checkpoints``, on one device; only the weights are read.
+
+    The weights are the params, plus ``batch_stats`` for a ResNet tower (the train
+    state's ``model_state``), laid out as `openai_resnet.merge_variables` does.
+    """
     rng = jax.random.key(0)
-    boxed = jax.eval_shape(lambda: model.init(rng, *clip.dummy_inputs(model.config))["params"])
+    variables = dict(jax.eval_shape(lambda: model.init(rng, *clip.dummy_inputs(model.config))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.meta.unbox(boxed)
+    place = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.meta.unbox(tree)
     )
+    target = {"params": place(variables.pop("params"))}
+    if variables:
+        target["model_state"] = place(variables)
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",))
     try:
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():
             raise FileNotFoundError(f"{workdir}/checkpoints: no step {step} (have {manager.all_steps()})")
-        restore_args = ocp.checkpoint_utils.construct_restore_args({"params": abstract})
-        item = ocp.args.PyTreeRestore(
-            item={"params": abstract}, restore_args=restore_args, partial_restore=True
-        )
-        restored = manager.restore(step, args=ocp.args.Composite(state=item))
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        restored = jax.tree.map(np.asarray, manager.restore(step, args=ocp.args.Composite(state=item)).state)
     finally:
         manager.close()
-    return step, jax.tree.map(np.asarray, restored.state["params"])
+    return step, {**restored["params"], **restored.get("model_state", {})}
 
 
 def from_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:

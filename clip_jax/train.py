@@ -32,6 +32,9 @@ class TrainState:
     step: jax.Array  # [] int32
     params: Any  # plain pytree of arrays (no partitioning boxes)
     opt_state: Any
+    # Variables that are not trained: {"batch_stats": ...} of a ResNet tower's frozen
+    # BatchNorm; {} for ViTs.
+    model_state: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +71,21 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
 
 def init_state(model: clip.CLIP, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh train state (pure: used under `jax.eval_shape` and `jax.jit`)."""
-    params = nn.meta.unbox(model.init(rng, *clip.dummy_inputs(model.config))["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    variables = dict(nn.meta.unbox(model.init(rng, *clip.dummy_inputs(model.config))))
+    params = variables.pop("params")
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), variables)
 
 
 def state_shardings(model: clip.CLIP, tx: optax.GradientTransformation, mesh: Mesh):
     """(abstract TrainState, matching tree of NamedShardings) from the logical axis names."""
     rng = jax.random.key(0)
-    boxed = jax.eval_shape(lambda: model.init(rng, *clip.dummy_inputs(model.config))["params"])
+    variables = dict(jax.eval_shape(lambda: model.init(rng, *clip.dummy_inputs(model.config))))
+    boxed = variables.pop("params")
     # The model is traced once; the optimizer state's shapes follow from the params'.
     params = jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    model_state = nn.meta.unbox(variables)
     abstract = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params)
+        jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params), model_state
     )
     param_shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), abstract.params, mesh)
     opt_shardings = optax.tree_utils.tree_map_params(
@@ -89,7 +95,9 @@ def state_shardings(model: clip.CLIP, tx: optax.GradientTransformation, mesh: Me
         param_shardings,
         transform_non_params=lambda _: sharding.replicated(mesh),
     )
-    shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+    replicated = sharding.replicated(mesh)
+    model_state_shardings = jax.tree.map(lambda _: replicated, model_state)  # small per-channel vectors
+    shardings = TrainState(replicated, param_shardings, opt_shardings, model_state_shardings)
     return abstract, shardings
 
 
@@ -108,7 +116,7 @@ def _unmicro(x: jax.Array) -> jax.Array:
 
 
 def make_gradient_fn(model: clip.CLIP, loss_fn: losses.LossFn, accum_steps: int):
-    """``(params, images, tokens, rng) -> ((loss, stats), grads)`` over the whole global batch.
+    """``(params, images, tokens, rng, frozen={}) -> ((loss, stats), grads)`` over the whole global batch.
 
     With ``accum_steps`` > 1 the batch runs as micro-batches and the gradient is still
     the whole batch's, every pair contrasted with all B - 1 negatives (GradCache, as
@@ -118,23 +126,16 @@ def make_gradient_fn(model: clip.CLIP, loss_fn: losses.LossFn, accum_steps: int)
     parameters. Activation memory is one micro-batch's; the cost, one extra forward.
     """
 
-    def embed(params, images, tokens, rng):
-        out = model.apply({"params": params}, images, tokens, True, rngs={"patch_dropout": rng})
-        return out[:2]
-
-    def temperature(params):
-        return model.apply({"params": params}, method=clip.CLIP.temperature)
-
-    def whole_batch(params, images, tokens, rng):
+    def whole_batch(params, images, tokens, rng, frozen):
         def loss_of(params):
-            return loss_fn(*embed(params, images, tokens, rng), *temperature(params))
+            return loss_fn(*embed(params, frozen, images, tokens, rng), *temperature(params))
 
         return jax.value_and_grad(loss_of, has_aux=True)(params)
 
-    def accumulated(params, images, tokens, rng):
+    def accumulated(params, images, tokens, rng, frozen):
         images, tokens = _micro(images, accum_steps), _micro(tokens, accum_steps)
         micro_rng = lambda m: jax.random.fold_in(rng, m)
-        embed_micro = lambda p, m: embed(p, images[m], tokens[m], micro_rng(m))
+        embed_micro = lambda p, m: embed(p, frozen, images[m], tokens[m], micro_rng(m))
         image_emb, text_emb = jax.lax.map(lambda m: embed_micro(params, m), jnp.arange(accum_steps))
 
         def loss_of(image_emb, text_emb, params):
@@ -151,7 +152,20 @@ def make_gradient_fn(model: clip.CLIP, loss_fn: losses.LossFn, accum_steps: int)
         grads, _ = jax.lax.scan(pull_back, grads, jnp.arange(accum_steps))
         return (loss, stats), grads
 
-    return whole_batch if accum_steps == 1 else accumulated
+    def embed(params, frozen, images, tokens, rng):
+        variables = {"params": params, **frozen}
+        return model.apply(variables, images, tokens, True, rngs={"patch_dropout": rng})[:2]
+
+    def temperature(params):
+        return model.apply({"params": params}, method=clip.CLIP.temperature)
+
+    gradient = whole_batch if accum_steps == 1 else accumulated
+
+    def gradient_fn(params, images, tokens, rng, frozen=None):
+        # frozen: the variables that are not trained, e.g. {"batch_stats": ...} of a ResNet tower.
+        return gradient(params, images, tokens, rng, frozen or {})
+
+    return gradient_fn
 
 
 def make_train_step(
@@ -173,7 +187,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         images = transforms.normalize(batch["image"])
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
-        (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng)
+        (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates))
         stats = {
@@ -183,7 +197,7 @@ def make_train_step(
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state.step),
         }
-        return TrainState(state.step + 1, params, opt_state), stats
+        return TrainState(state.step + 1, params, opt_state, state.model_state), stats
 
     return train_step
 
@@ -266,8 +280,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     from clip_jax import inference  # here: it imports train for workdirs
 
                     params = inference.matching_params(config.train.init_from, state.params)
-                    fresh = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
-                    state = jax.jit(fresh, out_shardings=shardings)(params)
+                    fresh = lambda p, m: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), m)
+                    state = jax.jit(fresh, out_shardings=shardings)(params, state.model_state)
                     if primary:
                         print(f"initialised from {config.train.init_from}", flush=True)
             elif primary:
@@ -296,8 +310,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         result["state"] = state
         result["preempted"] = preempted
         if data.scenes is not None and not preempted:
+            variables = {"params": state.params, **state.model_state}
             result["eval"] = evaluate.evaluate_scenes(
-                model, state.params, tokenizer, data.scenes, config.eval.batch_size, mesh
+                model, variables, tokenizer, data.scenes, config.eval.batch_size, mesh
             )
             if primary:
                 write_eval(workdir, total_steps, result["eval"])

@@ -91,7 +91,7 @@ def toy_state(step, mesh, value=None):
     w = jnp.arange(64, dtype=jnp.float32) + (step if value is None else value)
     params = {"w": jax.device_put(w, fsdp), "b": jnp.float32(step)}
     return train.TrainState(
-        step=jnp.int32(step), params=params, opt_state={"mu": jax.device_put(w * 2, fsdp)}
+        step=jnp.int32(step), params=params, opt_state={"mu": jax.device_put(w * 2, fsdp)}, model_state={}
     )
 
 

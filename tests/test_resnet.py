@@ -351,3 +351,40 @@ def test_tiny_rn_learns_with_frozen_batch_norm():
         history.append(float(loss))
     print(f"\n[tiny-rn] loss {history[0]:.3f} -> {history[-1]:.3f}")
     assert max(history[-3:]) < 0.5 * history[0], history
+
+
+def test_resnet_tower_trains_through_the_train_step_with_frozen_batch_norm():
+    """tiny-rn through train.make_train_step: params move, the BatchNorm statistics do not."""
+    from clip_jax import optim, train
+    from clip_jax.config_defaults import base_config
+
+    config = base_config()
+    config.model.update(variant="tiny-rn", dtype="float32")
+    config.optim.update(lr=3e-4, warmup_steps=0, weight_decay=0.0)
+    model = train.build_model(config)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps=100)
+    mesh = sharding.make_mesh({"data": 2}, jax.devices()[:2])
+    rng = np.random.default_rng(0)
+    size, length = model.config.vision.image_size, model.config.text.context_length
+    batch = {
+        "image": rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8),
+        "tokens": rng.integers(4, 200, (8, length)).astype(np.int32),
+    }
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        _, shardings = train.state_shardings(model, tx, mesh)
+        state = jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=shardings)(jax.random.key(0))
+        assert "batch_stats" in state.model_state
+        before = jax.device_get(state)
+        step = train.compile_train_step(
+            train.make_train_step(model, tx, schedule, losses.make_loss("softmax", mesh)), shardings, mesh
+        )
+        losses_seen = []
+        for _ in range(10):
+            state, metrics = step(state, sharding.to_global(batch, mesh))
+            losses_seen.append(float(metrics["loss"]))
+    after = jax.device_get(state)
+    stats_equal = jax.tree.map(lambda a, b: np.array_equal(a, b), before.model_state, after.model_state)
+    assert all(jax.tree.leaves(stats_equal))
+    moved = np.abs(after.params["visual"]["conv1"]["kernel"] - before.params["visual"]["conv1"]["kernel"])
+    assert moved.max() > 0
+    assert losses_seen[-1] < losses_seen[0]

@@ -29,16 +29,16 @@ class Encoder:
     def __init__(
         self, model: clip.CLIP, params, batch_size: int, mesh: Mesh | None = None, progress: bool = False
     ):
-        self.params = params
+        # params, or all variables ({"params": ..., "batch_stats": ...} of a ResNet tower)
+        self.params = params if "params" in params else {"params": params}
         self.batch_size = batch_size
         self.progress = progress
         # Replicated outputs: every process can read the embeddings (multi-host too).
         out = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
         self._image = jax.jit(
-            lambda p, x: model.apply({"params": p}, transforms.normalize(x), method=clip.CLIP.encode_image),
-            **out,
+            lambda v, x: model.apply(v, transforms.normalize(x), method=clip.CLIP.encode_image), **out
         )
-        self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=clip.CLIP.encode_text), **out)
+        self._text = jax.jit(lambda v, t: model.apply(v, t, method=clip.CLIP.encode_text), **out)
 
     def _batched(self, fn, x: np.ndarray, desc: str) -> np.ndarray:
         n, size = len(x), self.batch_size

@@ -96,7 +96,17 @@ def base_config() -> ConfigDict:
             "init_from": config_dict.placeholder(str),
         }
     )
-    c.eval = ConfigDict({"batch_size": 256})
+    c.eval = ConfigDict(
+        {
+            "batch_size": 256,
+            "every": 0,  # evaluate every N steps (0: at the end only); the demo's scene evaluation
+            "diagnostics": True,  # counting, spatial relations, binding, size (clip_jax/diagnostics.py)
+            "probes": 200,  # caption pairs per diagnostic
+            "linear_probe": False,
+        }
+    )
+    # TensorBoard event files under WORKDIR/tensorboard (no TensorFlow); W&B when a project is set.
+    c.logging = ConfigDict({"tensorboard": True, "wandb_project": config_dict.placeholder(str)})
     # Train state + data position under WORKDIR/checkpoints; a run resumes from the latest
     # intact step. keep: the last K; keep_period M: every M-th step is kept too (None: no).
     # allow_data_change: resume even when the data config differs from the checkpoint's.

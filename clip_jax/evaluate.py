@@ -154,13 +154,9 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The command line's flags, defined only when run as a program. `load_run` reads the
-    checkpoint through clip_jax.export, whose import defines --workdir and --step (same meaning)."""
-    from clip_jax import export  # noqa: F401
-
-    # export marks its --out required on import; it means nothing here.
-    flags.FLAGS.set_default("out", "")
-
+    """The command line's flags, defined only when run as a program."""
+    flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
     flags.DEFINE_enum("task", "zeroshot", ["zeroshot", "retrieval", "linear_probe", "scenes"], "")
     flags.DEFINE_string("dataset", None, "TFDS name, folder:ROOT or array_record:GLOB.")
     flags.DEFINE_string("split", "test", "TFDS split evaluated (linear probe: the test split).")

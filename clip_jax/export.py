@@ -31,12 +31,17 @@ from clip_jax.data import tokenizer as sp_tokenizer
 from clip_jax.interop import files
 from clip_jax.models import clip
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
-_WEIGHTS = flags.DEFINE_string("weights", None, "Instead of --workdir: existing weights to convert.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-_FORMAT = flags.DEFINE_enum("format", "hf", files.FORMATS, "Output layout.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-flags.mark_flags_as_required(["out"])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when run as a program (importing defines none)."""
+    flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+    flags.DEFINE_string("weights", None, "Instead of --workdir: existing weights to convert.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+    flags.DEFINE_enum("format", "hf", files.FORMATS, "Output layout.")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.mark_flags_as_required(["out"])
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -148,11 +153,11 @@ def export(source: dict[str, Any], fmt: str, out: str) -> dict[str, Any]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if (_WORKDIR.value is None) == (_WEIGHTS.value is None):
+    if (FLAGS.workdir is None) == (FLAGS.weights is None):
         raise app.UsageError("give exactly one of --workdir and --weights")
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
-    source = from_workdir(_WORKDIR.value, _STEP.value) if _WORKDIR.value else from_weights(_WEIGHTS.value)
-    summary = export(source, _FORMAT.value, _OUT.value)
+    source = from_workdir(FLAGS.workdir, FLAGS.step) if FLAGS.workdir else from_weights(FLAGS.weights)
+    summary = export(source, FLAGS.format, FLAGS.out)
     step = "" if summary["step"] is None else f" (step {summary['step']})"
     print(
         f"exported {summary['format']}{step}: {summary['tensors']} tensors, "
@@ -162,4 +167,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

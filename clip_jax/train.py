@@ -230,10 +230,24 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
     return DataSpec(validation.data_files(config), data.tokenizer)
 
 
+@dataclasses.dataclass
+class Run:
+    """What the loop needs, built once by `run` from the config."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Mesh
+    model: clip.CLIP
+    tokenizer: Tokenizer
+    data: DataSpec
+    primary: bool
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) to ``config.train.total_steps``.
 
-    Returns {"train": last logged metrics, "state": final TrainState, "eval": ...}.
+    Returns {"train": last logged metrics, "state": final TrainState, "eval": ...,
+    "preempted": whether a SIGTERM stopped it early}.
     """
     validation.check_config(config)
     mesh = sharding.make_mesh(config.sharding.mesh)
@@ -243,80 +257,117 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     context_length = build_model(config).config.text.context_length
     tokenizer = Tokenizer(data.tokenizer, context_length)
     model = build_model(config, tokenizer.vocab_size)
-    total_steps = config.train.total_steps
-    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
     loss_fn = losses.make_loss(config.train.loss, mesh)
-    primary = jax.process_index() == 0
-    if primary:
+    r = Run(config, workdir, mesh, model, tokenizer, data, jax.process_index() == 0)
+    if r.primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         abstract, shardings = state_shardings(model, tx, mesh)
-        if primary:
+        if r.primary:
             log_model_summary(abstract, mesh)
         skipped = skips.SkipCounter(config.data.max_skip_fraction)
-        batches = pipeline.from_config(
-            config.data,
-            data.train_files,
-            tokenizer,
-            model.config.vision.image_size,
-            config.train.batch_size // jax.process_count(),
-            skipped,
-        )
         image_size, batch_size = model.config.vision.image_size, config.train.batch_size
+        batches = pipeline.from_config(
+            config.data, data.train_files, tokenizer, image_size, batch_size // jax.process_count(), skipped
+        )
         fingerprint = checkpoint.data_fingerprint(
             config.data, data.train_files, data.tokenizer, batch_size, image_size
         )
         checkpoints = checkpoint.Checkpoints(
             os.path.join(workdir, "checkpoints"), config.checkpoint, fingerprint
         )
+        logger = metrics.MetricsLogger(
+            workdir,
+            config.train.total_steps,
+            batch_size,
+            r.primary,
+            tensorboard=config.logging.tensorboard,
+            wandb_project=config.logging.wandb_project,
+            wandb_config=config.to_dict(),
+        )
         try:
-            state = checkpoints.restore(abstract, shardings, batches)
-            if state is None:
-                init = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=shardings)
-                state = init(jax.random.key(config.train.seed))
-                if config.train.init_from:  # fine-tuning: the given weights, a fresh optimizer
-                    from clip_jax import inference  # here: it imports train for workdirs
-
-                    params = inference.matching_params(config.train.init_from, state.params)
-                    fresh = lambda p, m: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), m)
-                    state = jax.jit(fresh, out_shardings=shardings)(params, state.model_state)
-                    if primary:
-                        print(f"initialised from {config.train.init_from}", flush=True)
-            elif primary:
-                print(f"resumed from step {int(state.step)}", flush=True)
-            step = make_train_step(model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed)
-            step_fn = compile_train_step(step, shardings, mesh)
-            logger = metrics.MetricsLogger(workdir, total_steps, config.train.batch_size, primary)
-            result, step_metrics, preempted = {"train": None}, None, False
-            first_step = int(state.step) + 1
-            for step in range(first_step, total_steps + 1):
-                state, step_metrics = step_fn(state, sharding.to_global(next(batches), mesh))
-                if step % config.train.log_every == 0 or step in (first_step, total_steps):
-                    result["train"] = logger.write(step, step_metrics)
-                    if skipped.total_skipped:
-                        print(f"data (process {jax.process_index()}): {skipped.as_dict()}", flush=True)
-                # After a SIGTERM every process reaches the same agreed step: save there and stop.
-                preempted = checkpoints.reached_preemption(step)
-                checkpoints.save(step, state, batches, step_metrics, force=preempted)
-                if preempted:
-                    print(f"preempted: saved step {step}, exiting", flush=True)
-                    break
-            if not preempted and checkpoints.latest_step() != total_steps:
-                checkpoints.save(total_steps, state, batches, step_metrics, force=True)
+            try:
+                state = initial_state(r, tx, checkpoints, abstract, shardings, batches)
+                step = make_train_step(
+                    model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed
+                )
+                step_fn = compile_train_step(step, shardings, mesh)
+                result = train_loop(r, state, step_fn, batches, checkpoints, logger, skipped)
+            finally:
+                checkpoints.close()
+            if data.scenes is not None and not result["preempted"]:
+                result["eval"] = evaluate_and_log(r, result["state"], config.train.total_steps, logger)
         finally:
-            checkpoints.close()
-        result["state"] = state
-        result["preempted"] = preempted
-        if data.scenes is not None and not preempted:
-            variables = {"params": state.params, **state.model_state}
-            result["eval"] = evaluate.evaluate_scenes(
-                model, variables, tokenizer, data.scenes, config.eval.batch_size, mesh
-            )
-            if primary:
-                write_eval(workdir, total_steps, result["eval"])
+            logger.close()
     return result
+
+
+def initial_state(r: Run, tx, checkpoints, abstract, shardings, batches) -> TrainState:
+    """The latest checkpoint (the iterator repositioned), else a fresh state, from
+    ``config.train.init_from`` weights when given (fine-tuning: a fresh optimizer)."""
+    state = checkpoints.restore(abstract, shardings, batches)
+    if state is not None:
+        if r.primary:
+            print(f"resumed from step {int(state.step)}", flush=True)
+        return state
+    init = jax.jit(lambda rng: init_state(r.model, tx, rng), out_shardings=shardings)
+    state = init(jax.random.key(r.config.train.seed))
+    if r.config.train.init_from:
+        from clip_jax import inference  # here: it imports train for workdirs
+
+        params = inference.matching_params(r.config.train.init_from, state.params)
+        fresh = lambda p, m: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), m)
+        state = jax.jit(fresh, out_shardings=shardings)(params, state.model_state)
+        if r.primary:
+            print(f"initialised from {r.config.train.init_from}", flush=True)
+    return state
+
+
+def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) -> dict[str, Any]:
+    """Steps to ``train.total_steps``: log, save on the cadence, evaluate every ``eval.every``,
+    and on a SIGTERM save at the step all processes agree on and stop."""
+    config, total_steps = r.config, r.config.train.total_steps
+    result, step_metrics, preempted = {"train": None}, None, False
+    every = config.eval.every if r.data.scenes is not None else 0
+    first_step = int(state.step) + 1
+    for step in range(first_step, total_steps + 1):
+        state, step_metrics = step_fn(state, sharding.to_global(next(batches), r.mesh))
+        if step % config.train.log_every == 0 or step in (first_step, total_steps):
+            result["train"] = logger.write(step, step_metrics)
+            if skipped.total_skipped:
+                print(f"data (process {jax.process_index()}): {skipped.as_dict()}", flush=True)
+        preempted = checkpoints.reached_preemption(step)
+        checkpoints.save(step, state, batches, step_metrics, force=preempted)
+        if preempted:
+            print(f"preempted: saved step {step}, exiting", flush=True)
+            break
+        if every and step % every == 0 and step != total_steps:  # the final one follows the loop
+            evaluate_and_log(r, state, step, logger)
+    if not preempted and checkpoints.latest_step() != total_steps:
+        checkpoints.save(total_steps, state, batches, step_metrics, force=True)
+    return {**result, "state": state, "preempted": preempted}
+
+
+def evaluate_and_log(r: Run, state: TrainState, step: int, logger) -> dict:
+    """The demo's scene evaluation of ``state``: WORKDIR/eval/STEP.json and the summaries."""
+    results = evaluate.evaluate_scenes(
+        r.model,
+        {"params": state.params, **state.model_state},
+        r.tokenizer,
+        r.data.scenes,
+        r.config.eval.batch_size,
+        r.mesh,
+        diagnostic_suite=r.config.eval.diagnostics,
+        probes=r.config.eval.probes,
+        linear_probe=r.config.eval.linear_probe,
+    )
+    if r.primary:
+        write_eval(r.workdir, step, results)
+        logger.write_eval(step, results)
+    return results
 
 
 def log_model_summary(abstract: TrainState, mesh: Mesh) -> None:

@@ -1,0 +1,201 @@
+"""Ahead-of-time compile of the train step for a TPU slice you do not have.
+
+    python -m clip_jax.aot --config=configs/b16.py --topology=v5e-256
+    python -m clip_jax.aot --config=configs/b16.py --topology=v4-128 --config.model.remat=full
+
+Builds the slice's devices from libtpu's topology description (no TPU needed,
+only ``pip install 'clip-jax-tpu[tpu]'``), lowers and compiles the real train
+step (``train.make_train_step`` with the run's state and batch shardings) for
+them, and prints XLA's per-device memory analysis next to the chip's HBM.
+Exit code 0 when it fits, 1 when it does not.
+
+Without libtpu (or with ``--platform=cpu``) it compiles for as many simulated
+CPU devices instead. That checks shapes, shardings and divisibility, but its
+memory figure is XLA:CPU's, labelled as such: only indicative of a TPU's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from clip_jax import losses, optim, sharding, train, validation
+
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    hbm_gib: float  # per chip (one JAX device per chip; v4/v5p megacore)
+    cores_per_chip_in_name: int  # v4-128 counts TensorCores (64 chips); v5e-256 counts chips
+    three_d: bool  # 3D torus (v4, v5p) or 2D (v5e, v6e)
+
+
+GENERATIONS = {
+    "v4": Generation(32, 2, True),
+    "v5e": Generation(16, 1, False),
+    "v5p": Generation(95, 2, True),
+    "v6e": Generation(32, 1, False),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+# Chips -> torus shape, the shapes Cloud TPU slices come in.
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_SHAPES_3D = {
+    4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+    512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16",
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str  # "v5e-256", as gcloud's --accelerator-type names it
+    generation: str  # "v5e"
+    chips: int
+    libtpu_name: str  # "v5e:16x16", as libtpu's topology description names it
+
+    @property
+    def hbm_bytes(self) -> int:
+        return int(GENERATIONS[self.generation].hbm_gib * GIB)
+
+
+def parse_topology(name: str) -> Topology:
+    """'v5e-256' / 'v5litepod-256' / 'v4-128' / 'v5p-128' / 'v6e-256' -> Topology."""
+    match = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod|v5lite)-(\d+)", name)
+    if not match:
+        raise ValueError(f"--topology={name!r}: use e.g. v4-128, v5e-256, v5p-256, v6e-64")
+    generation = _ALIASES.get(match.group(1), match.group(1))
+    spec = GENERATIONS[generation]
+    chips = int(match.group(2)) // spec.cores_per_chip_in_name
+    shapes = _SHAPES_3D if spec.three_d else _SHAPES_2D
+    if chips not in shapes:
+        raise ValueError(f"--topology={name!r}: no {generation} slice of {chips} chips; try {sorted(shapes)}")
+    return Topology(f"{generation}-{match.group(2)}", generation, chips, f"{generation}:{shapes[chips]}")
+
+
+def tpu_devices(topology: Topology) -> list:
+    """Compile-only TPU devices of the slice, from libtpu (raises when libtpu is missing)."""
+    from jax.experimental import topologies
+
+    # v4/v5p: one JAX device per chip (megacore), as on the real slice; libtpu's default is per core.
+    kwargs = {"chip_config_name": "megacore"} if GENERATIONS[topology.generation].three_d else {}
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name, **kwargs)
+    return list(desc.devices)
+
+
+def abstract_inputs(config: ml_collections.ConfigDict, devices: list):
+    """(jitted step, abstract sharded TrainState, abstract sharded batch, mesh). Call inside the mesh."""
+    mesh = sharding.make_mesh(config.sharding.mesh, devices)
+    validation.check_batch(config, mesh)
+    model = train.build_model(config)  # the variant's own vocabulary (no tokenizer file needed)
+    tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
+    # Outside jax.set_mesh: nothing may run on compile-only devices (state_shardings draws a key).
+    with nn.logical_axis_rules(sharding.RULES):
+        abstract, shardings = train.state_shardings(model, tx, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        loss_fn = losses.make_loss(config.train.loss, mesh)
+        step = train.make_train_step(
+            model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed
+        )
+        step_fn = train.compile_train_step(step, shardings, mesh)
+    size, length = model.config.vision.image_size, model.config.text.context_length
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct(
+            (config.train.batch_size, size, size, 3), "uint8", sharding=batch_sharding
+        ),
+        "tokens": jax.ShapeDtypeStruct((config.train.batch_size, length), "int32", sharding=batch_sharding),
+    }
+    return step_fn, state, batch, mesh
+
+
+def compile_step(config: ml_collections.ConfigDict, devices: list) -> dict:
+    """Lowers and compiles the train step for ``devices``; XLA's per-device memory analysis (bytes)."""
+    step_fn, state, batch, mesh = abstract_inputs(config, devices)
+    start = time.monotonic()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        compiled = step_fn.lower(state, batch).compile()
+    stats = compiled.memory_analysis()
+    memory = {
+        "arguments": stats.argument_size_in_bytes,
+        "outputs": stats.output_size_in_bytes,
+        "aliased": stats.alias_size_in_bytes,  # donated state buffers reused for the new state
+        "temporaries": stats.temp_size_in_bytes,
+        "code": stats.generated_code_size_in_bytes,
+    }
+    memory["total"] = (
+        memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
+    )
+    return {"memory": memory, "compile_s": round(time.monotonic() - start, 1), "mesh": dict(mesh.shape)}
+
+
+def report(config: ml_collections.ConfigDict, topology: Topology, platform: str) -> dict:
+    """Compiles for the slice (``platform`` "tpu": libtpu; "cpu": simulated CPU devices); a summary."""
+    if platform == "tpu":
+        devices = tpu_devices(topology)
+    else:
+        devices = jax.devices("cpu")
+        if len(devices) != topology.chips:
+            raise RuntimeError(f"{len(devices)} CPU devices, {topology.chips} needed (set before JAX starts)")
+    result = compile_step(config, devices)
+    total = result["memory"]["total"]
+    return {
+        "topology": topology.name,
+        "libtpu_topology": topology.libtpu_name,
+        "compiled_for": "TPU (libtpu AOT)" if platform == "tpu" else "simulated CPU devices (XLA:CPU figure)",
+        "variant": config.model.variant,
+        "batch_size": config.train.batch_size,
+        "per_device_batch": config.train.batch_size
+        // sharding.batch_devices(sharding.make_mesh(config.sharding.mesh, devices)),
+        "remat": config.model.remat,
+        "loss": config.train.loss,
+        **result,
+        "per_device_gib": round(total / GIB, 2),
+        "hbm_gib": GENERATIONS[topology.generation].hbm_gib,
+        "fits": total <= topology.hbm_bytes,
+    }
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/b16.py.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "v5e-256", "Target slice as gcloud names it: v4-128, v5e-256, ..."
+)
+_PLATFORM = flags.DEFINE_enum(
+    "platform", "auto", ["auto", "tpu", "cpu"], "auto: TPU AOT when libtpu is installed, else simulated CPU."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    topology = parse_topology(_TOPOLOGY.value)
+    platform = _PLATFORM.value
+    if platform == "auto":
+        platform = "tpu" if importlib.util.find_spec("libtpu") else "cpu"
+    if platform == "cpu":
+        print(f"compiling for {topology.chips} simulated CPU devices (no libtpu: memory is XLA:CPU's)")
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", topology.chips)
+    summary = report(_CONFIG.value, topology, platform)
+    print(json.dumps(summary, indent=2))
+    verdict = "fits" if summary["fits"] else "does NOT fit"
+    print(
+        f"{summary['variant']} batch {summary['batch_size']} on {topology.name} ({summary['compiled_for']}): "
+        f"{summary['per_device_gib']} GiB per device, {verdict} in {summary['hbm_gib']} GiB HBM"
+    )
+    return 0 if summary["fits"] else 1
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,64 @@
+"""clip_jax.aot: the train step compiled ahead of time for a target slice."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from conftest import load_config
+
+from clip_jax import aot, validation
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_topology_names():
+    assert aot.parse_topology("v5e-256") == aot.Topology("v5e-256", "v5e", 256, "v5e:16x16")
+    assert aot.parse_topology("v5litepod-16").libtpu_name == "v5e:4x4"
+    v4 = aot.parse_topology("v4-128")  # v4/v5p names count TensorCores: 64 chips
+    assert (v4.chips, v4.libtpu_name, v4.hbm_bytes) == (64, "v4:4x4x4", 32 << 30)
+    assert aot.parse_topology("v5p-8").libtpu_name == "v5p:2x2x1"
+    assert aot.parse_topology("v6e-64").libtpu_name == "v6e:8x8"
+    with pytest.raises(ValueError, match="v3-8"):
+        aot.parse_topology("v3-8")
+    with pytest.raises(ValueError, match="no v5e slice of 12 chips"):
+        aot.parse_topology("v5e-12")
+
+
+def tiny_config(batch_size: int):
+    config = load_config("demo")
+    config.train.batch_size = batch_size
+    return config
+
+
+def test_cpu_fallback_compiles_the_tiny_step_for_8_simulated_devices():
+    summary = aot.report(tiny_config(32), aot.parse_topology("v5e-8"), "cpu")
+    print(summary)
+    assert summary["compiled_for"].startswith("simulated CPU")
+    assert summary["mesh"] == {"data": 8, "fsdp": 1, "model": 1} and summary["per_device_batch"] == 4
+    memory = summary["memory"]
+    assert memory["temporaries"] > 0 and memory["aliased"] > 0  # the state's buffers are donated
+    assert memory["total"] < 1 << 30 and summary["fits"]
+
+
+def test_a_batch_that_does_not_split_over_the_slice_is_refused_before_compiling():
+    with pytest.raises(validation.ConfigError, match="batch_size=12"):
+        aot.report(tiny_config(12), aot.parse_topology("v5e-8"), "cpu")
+
+
+def test_tpu_aot_for_a_v5e_8_slice_without_a_tpu():
+    pytest.importorskip("libtpu")
+    cmd = [
+        sys.executable,
+        "-m",
+        "clip_jax.aot",
+        f"--config={ROOT / 'configs' / 'demo.py'}",
+        "--topology=v5e-8",
+    ]
+    cmd += ["--config.train.batch_size=32"]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env.update(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v5litepod-8", TPU_WORKER_HOSTNAMES="localhost")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"compiled_for": "TPU (libtpu AOT)"' in proc.stdout and "fits in 16 GiB HBM" in proc.stdout

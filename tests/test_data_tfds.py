@@ -214,4 +214,21 @@ def test_train_run_on_a_tfds_split(prepared, tmp_path):
     result = train.run(config, str(tmp_path))
     assert result["train"]["step"] == 3 and np.isfinite(result["train"]["loss"])
     assert (tmp_path / "checkpoints").is_dir()
+    # The evaluator on the prepared split: zero-shot through the run's checkpoint.
+    from clip_jax import evaluate
+    from clip_jax.eval import sources
+
+    model, params, tok_, _, _ = evaluate.load_run(str(tmp_path))
+    data = sources.tfds("clip_jax_tiny", "test", model.config.vision.image_size, tok_, data_dir)
+    assert data["class_names"] == [n.replace("_", " ") for n in NAMES]
+    encoder = evaluate.Encoder(model, params, batch_size=4)
+    prompts = evaluate.prompt_sets(data["class_names"], ("a photo of a {}.", "a {}."))
+    results = evaluate.zero_shot(encoder, tok_, data["image"], data["label"], prompts)
+    assert 0.0 <= results["top1"] <= 1.0 and len(data["label"]) == NUM_TEST
+    # The classifier is the prompt ensemble: a plain numpy recomputation agrees.
+    text = np.stack([encoder.texts(tok_(p)) for p in prompts])  # [C, T, E]
+    mean = text.mean(axis=1)
+    weights = mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+    predicted = np.argmax(encoder.images(data["image"]) @ weights.T, axis=1)
+    assert results["top1"] == pytest.approx(np.mean(predicted == data["label"]))
     assert "tensorflow" not in sys.modules

@@ -8,6 +8,7 @@ from jax.sharding import Mesh
 
 from clip_jax import sharding
 from clip_jax.data import transforms
+from clip_jax.interop import openai_resnet
 from clip_jax.models import clip
 
 
@@ -29,8 +30,9 @@ class Encoder:
     def __init__(
         self, model: clip.CLIP, params, batch_size: int, mesh: Mesh | None = None, progress: bool = False
     ):
-        # params, or all variables ({"params": ..., "batch_stats": ...} of a ResNet tower)
-        self.params = params if "params" in params else {"params": params}
+        # params, weights ({**params, "batch_stats": ...} of a ResNet tower, as exported)
+        # or all variables ({"params": ..., "batch_stats": ...})
+        self.params = params if "params" in params else openai_resnet.split_variables(params)
         self.batch_size = batch_size
         self.progress = progress
         # Replicated outputs: every process can read the embeddings (multi-host too).

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import time
 
@@ -183,6 +184,10 @@ def main(argv):
     platform = _PLATFORM.value
     if platform == "auto":
         platform = "tpu" if importlib.util.find_spec("libtpu") else "cpu"
+    if platform == "tpu":
+        # Compile-only: no lock on the (absent) chips, no GCE metadata queries for the slice.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     if platform == "cpu":
         print(f"compiling for {topology.chips} simulated CPU devices (no libtpu: memory is XLA:CPU's)")
         jax.config.update("jax_platforms", "cpu")

@@ -61,45 +61,11 @@ def load_weights(path: str, step: int | None = None) -> tuple[clip.CLIPConfig, d
 
 
 def _from_workdir(workdir: str, step: int | None) -> tuple[clip.CLIPConfig, dict, str]:
-    """A run's (CLIPConfig, params, tokenizer file), as `clip_jax.export.from_workdir` reads
-    them; not imported from there, because that module defines absl flags on import."""
-    import json
+    """A run's (CLIPConfig, weights, tokenizer file), read by `clip_jax.export.from_workdir`."""
+    from clip_jax import export  # orbax, grain: only for workdirs
 
-    import flax.linen as nn
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from clip_jax import train  # orbax, grain: only for workdirs
-    from clip_jax.data.tokenizer import Tokenizer
-
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    scenes = config.data.get("scenes")
-    if scenes:
-        tokenizer = os.path.join(scenes.get("dir") or os.path.join(workdir, "scenes"), SENTENCEPIECE)
-    else:
-        tokenizer = config.data.tokenizer
-    context_length = train.build_model(config).config.text.context_length
-    model = train.build_model(config, Tokenizer(tokenizer, context_length).vocab_size)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *clip.dummy_inputs(model.config))["params"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.meta.unbox(boxed)
-    )
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(f"{workdir}/checkpoints: no step {step} (have {manager.all_steps()})")
-        item = ocp.args.PyTreeRestore(
-            item={"params": abstract},
-            restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
-            partial_restore=True,
-        )
-        restored = manager.restore(step, args=ocp.args.Composite(state=item))
-    finally:
-        manager.close()
-    return model.config, jax.tree.map(np.asarray, restored.state["params"]), tokenizer
+    run = export.from_workdir(workdir, step)
+    return run["config"], run["params"], run["tokenizer"]
 
 
 def make_tokenizer(path: str, context_length: int) -> Callable[[Sequence[str]], np.ndarray]:

@@ -10,11 +10,14 @@ writing happens in the background) and committed atomically by orbax.
 What orbax does not do, done here:
 
 - Integrity. Once a step is committed, process 0 writes ``checksums.json``
-  (sha256 and size of every file) into its directory, last: it is also the
-  mark that the step was confirmed complete. A restore verifies the latest
-  step; a damaged one (flipped bytes, truncated or missing file, no manifest)
-  is logged with the reason, moved to ``checkpoints_damaged/`` and the run
-  falls back to the previous intact step.
+  (size and sha256 of every file; on an object store such as ``gs://``, the
+  crc32c/md5 the store computed, read from one listing) into its directory,
+  last: it is also the mark that the step was confirmed complete. A restore
+  verifies the latest step; a damaged one (flipped bytes, truncated or missing
+  file, no manifest) is logged with the reason, moved to
+  ``checkpoints_damaged/`` and the run falls back to the previous intact step.
+  So is, on an object store, a step directory orbax never committed (a save
+  cut off before its ``commit_success.txt``; orbax itself ignores it).
 - A non-finite state is never saved: the loss, gradient and parameter norms
   are checked before each save; a non-finite one stops the run with an error.
 - Preemption: ``reached_preemption(step)`` is orbax's sync point (all
@@ -29,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 
 import grain
 import jax
@@ -38,6 +40,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from clip_jax import storage
 
 MANIFEST = "checksums.json"
 
@@ -50,63 +54,45 @@ class DataChangedError(ValueError):
     """The run's data config differs from the one the checkpoint was saved with."""
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files(root: str) -> list[str]:
-    """Paths of every file under ``root`` (relative, sorted), the manifest excluded."""
-    found = []
-    for parent, _, names in os.walk(root):
-        found += [os.path.relpath(os.path.join(parent, n), root) for n in names]
-    return sorted(f for f in found if f != MANIFEST)
-
-
 def write_manifest(step_dir: str) -> None:
-    """``step_dir/checksums.json``: {relative path: {"sha256", "size"}}, written atomically."""
-    manifest = {}
-    for name in _files(step_dir):
-        path = os.path.join(step_dir, name)
-        manifest[name] = {"sha256": _sha256(path), "size": os.path.getsize(path)}
-    tmp = os.path.join(step_dir, f".{MANIFEST}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    """``step_dir/checksums.json``: {relative path: {"size", "sha256" | the store's checksums}}.
+
+    Written last and atomically: it also marks the step as confirmed complete.
+    """
+    manifest = {n: f for n, f in storage.file_fingerprints(step_dir).items() if n != MANIFEST}
+    storage.write_text(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def damage(step_dir: str) -> str | None:
     """Why ``step_dir`` cannot be trusted, or None when every file matches its manifest."""
     try:
-        with open(os.path.join(step_dir, MANIFEST)) as f:
-            manifest = json.load(f)
+        manifest = json.loads(storage.read_text(os.path.join(step_dir, MANIFEST)))
     except FileNotFoundError:
         return f"no {MANIFEST}: the save was never confirmed complete"
     except ValueError as e:
         return f"{MANIFEST} is unreadable ({e})"
+    found = storage.file_fingerprints(step_dir, list(manifest))
     for name, expected in manifest.items():
-        path = os.path.join(step_dir, name)
-        if not os.path.exists(path):
+        actual = found.get(name)
+        if actual is None:
             return f"{name} is missing"
-        size = os.path.getsize(path)
-        if size != expected["size"]:
-            return f"{name} is {size} bytes, {expected['size']} when saved (truncated?)"
-        if _sha256(path) != expected["sha256"]:
-            return f"{name}: sha256 differs from the one recorded at save (corrupted bytes)"
+        if actual["size"] != expected["size"]:
+            return f"{name} is {actual['size']} bytes, {expected['size']} when saved (truncated?)"
+        for kind in ("sha256", "crc32c", "md5"):
+            if kind in expected and actual.get(kind) != expected[kind]:
+                return f"{name}: {kind} differs from the one recorded at save (corrupted bytes)"
     return None
 
 
 def _tokenizer_hash(path: str) -> str:
     """sha256 of the tokenizer file (or of every file of a tokenizer directory)."""
-    if os.path.isdir(path):
+    if storage.isdir(path):
         digest = hashlib.sha256()
-        for name in _files(path):
-            digest.update(f"{name}:{_sha256(os.path.join(path, name))};".encode())
+        for name in storage.files_under(path):
+            data = storage.read_bytes(os.path.join(path, name))
+            digest.update(f"{name}:{hashlib.sha256(data).hexdigest()};".encode())
         return digest.hexdigest()
-    return _sha256(path) if os.path.exists(path) else path
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest() if storage.exists(path) else path
 
 
 def data_fingerprint(
@@ -192,7 +178,7 @@ class _Manager(ocp.CheckpointManager):
         """orbax's commit of ``step`` (in the background), then process 0 writes its manifest."""
         super()._finalize(step, steps_to_remove)
         step_dir = os.path.join(self.directory, str(step))
-        if jax.process_index() == 0 and os.path.isdir(step_dir):  # (absent when the save failed)
+        if jax.process_index() == 0 and storage.isdir(step_dir):  # (absent when the save failed)
             write_manifest(step_dir)
 
 
@@ -213,7 +199,7 @@ class Checkpoints:
             keep_period=config.get("keep_period"),
             enable_async_checkpointing=True,
         )
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self.manager = _Manager(self.directory, options=options, item_names=("state", "data", "meta"))
         self.fingerprint = fingerprint
         self.allow_data_change = config.get("allow_data_change", False)
@@ -271,6 +257,12 @@ class Checkpoints:
         """Process 0 verifies steps newest first, moving damaged ones aside; all agree on the result."""
         chosen = -1
         if jax.process_index() == 0:
+            for step in self._uncommitted_steps():
+                moved = self._move_aside(step)
+                print(
+                    f"checkpoint step {step} was never committed (save interrupted); moved to {moved}",
+                    flush=True,
+                )
             for step in sorted(self.manager.all_steps(), reverse=True):
                 reason = damage(self.step_dir(step))
                 if reason is None:
@@ -286,14 +278,21 @@ class Checkpoints:
             raise RuntimeError(f"checkpoint step {chosen} verified but orbax sees {self.manager.all_steps()}")
         return None if chosen < 0 else chosen
 
+    def _uncommitted_steps(self) -> list[int]:
+        """Step directories orbax does not list: on object stores, a save cut off before orbax
+        wrote its commit marker (locally orbax writes a temporary name and renames it)."""
+        if not storage.isdir(self.directory):
+            return []
+        names = storage.listdir(self.directory)
+        return sorted(set(int(n) for n in names if n.isdigit()) - set(self.manager.all_steps()))
+
     def _move_aside(self, step: int) -> str:
         target = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged", str(step))
         suffix = 0
-        while os.path.exists(target + (f".{suffix}" if suffix else "")):
+        while storage.exists(target + (f".{suffix}" if suffix else "")):
             suffix += 1
         target += f".{suffix}" if suffix else ""
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(self.step_dir(step), target)
+        storage.move_tree(self.step_dir(step), target)
         return target
 
     def _check_data(self, step: int) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import Mesh
 
-from clip_jax import diagnostics, zeroshot_metadata
+from clip_jax import diagnostics, storage, zeroshot_metadata
 from clip_jax.data import pipeline, scenes
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.eval import linear_probe as probe
@@ -270,9 +270,7 @@ def main(argv):
         print_table(f"{FLAGS.task} {FLAGS.dataset or ''} (step {results['step']})", results)
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", FLAGS.dataset or "scenes").strip("-")
     path = os.path.join(FLAGS.workdir, "eval", f"{results['step']}_{FLAGS.task}_{name}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    storage.write_text(path, json.dumps(results, indent=2))
     print(f"wrote {path}")
 
 

@@ -1,7 +1,8 @@
 """Exports weights: ``python -m clip_jax.export --workdir=DIR --format=hf --out=OUT``.
 
 Reads a training run (``DIR/config.json`` and the orbax checkpoints under
-``DIR/checkpoints``; the latest step unless ``--step``) and writes one of:
+``DIR/checkpoints``; the latest step unless ``--step``; DIR and OUT may be local
+or ``gs://`` paths) and writes one of:
 
 - ``hf``: a transformers ``CLIPModel`` directory (``CLIPModel.from_pretrained(OUT)``);
 - ``open_clip``: OpenAI/open_clip state-dict names, as safetensors;
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
-from clip_jax import train
+from clip_jax import storage, train
 from clip_jax.data import tokenizer as sp_tokenizer
 from clip_jax.interop import files
 from clip_jax.models import clip
@@ -46,15 +46,18 @@ def define_flags() -> None:
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run wrote to ``WORKDIR/config.json``."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(storage.read_text(os.path.join(workdir, "config.json"))))
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """The run's sentencepiece model, located as `train.resolve_data` does (without generating data)."""
+    """The run's sentencepiece model: the copy in the workdir, else (runs from before runs
+    carried one) located as `train.resolve_data` does, without generating data."""
+    carried = os.path.join(workdir, train.TOKENIZER_FILE)
+    if storage.exists(carried):
+        return carried
     scenes = config.data.get("scenes")
     if scenes:
-        return os.path.join(scenes.get("dir") or os.path.join(workdir, "scenes"), "tokenizer.model")
+        return os.path.join(scenes.get("dir") or storage.local_dir(workdir, "scenes"), "tokenizer.model")
     return config.data.tokenizer
 
 
@@ -139,13 +142,13 @@ def export(source: dict[str, Any], fmt: str, out: str) -> dict[str, Any]:
         progress=_progress(f"converting to {fmt}"),
     )
     if fmt == "params" and source.get("tokenizer"):  # inference needs the run's tokenizer too
-        shutil.copy(source["tokenizer"], os.path.join(out, "tokenizer.model"))
+        storage.copy_file(source["tokenizer"], os.path.join(out, "tokenizer.model"))
     return {
         "format": fmt,
         "step": source["step"],
         "tensors": len(tensors),
         "params": int(sum(t.size for t in tensors.values())),
-        "bytes": os.path.getsize(path),
+        "bytes": storage.size(path),
         "path": path,
     }
 

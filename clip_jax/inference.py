@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from clip_jax import storage
 from clip_jax.data import transforms
 from clip_jax.interop import files, mapping, openai_resnet
 from clip_jax.models import clip
@@ -36,7 +37,7 @@ BPE_VOCAB, BPE_MERGES = "vocab.json", "merges.txt"
 
 
 def is_workdir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+    return storage.exists(os.path.join(path, "config.json")) and storage.isdir(
         os.path.join(path, "checkpoints")
     )
 
@@ -51,11 +52,11 @@ def load_weights(path: str, step: int | None = None) -> tuple[clip.CLIPConfig, d
         config, params, tokenizer = _from_workdir(path, step)
         return config, mapping.stack_free(params), tokenizer
     config, params = files.load(path)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    folder = path if storage.isdir(path) else os.path.dirname(path)
     tokenizer = None
-    if os.path.exists(os.path.join(folder, SENTENCEPIECE)):
+    if storage.exists(os.path.join(folder, SENTENCEPIECE)):
         tokenizer = os.path.join(folder, SENTENCEPIECE)
-    elif os.path.exists(os.path.join(folder, BPE_VOCAB)) and os.path.exists(os.path.join(folder, BPE_MERGES)):
+    elif storage.exists(os.path.join(folder, BPE_VOCAB)) and storage.exists(os.path.join(folder, BPE_MERGES)):
         tokenizer = os.path.join(folder, BPE_VOCAB)
     return config, params, tokenizer
 
@@ -84,8 +85,7 @@ def read_image(item: Any) -> Image.Image:
     if isinstance(item, Image.Image):
         return transforms.to_rgb(item)
     if isinstance(item, str | os.PathLike):
-        with open(item, "rb") as f:
-            item = f.read()
+        item = storage.read_bytes(os.fspath(item))
     return transforms.decode_image(item)
 
 

@@ -18,7 +18,9 @@ from ml_collections import config_flags
 from clip_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/b16.py.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, evaluations and checkpoints go.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where metrics, evaluations and checkpoints go: a local directory or gs://BUCKET/PATH."
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs off TPU pods."
 )

@@ -1,6 +1,7 @@
 """Training metrics: printed with throughput and ETA, appended to ``WORKDIR/metrics.jsonl``,
 and written as TensorBoard event files under ``WORKDIR/tensorboard`` (tensorboardX:
-no TensorFlow) and to Weights & Biases when ``wandb`` is importable and a project is given.
+no TensorFlow; ``gs://`` through google-cloud-storage, which the ``gcs`` extra installs)
+and to Weights & Biases when ``wandb`` is importable and a project is given.
 
 Metrics stay on device between log steps; `MetricsLogger.write` is the only
 place they are fetched to the host, so the loop does not sync every step. Only
@@ -15,6 +16,8 @@ import time
 
 import jax
 import numpy as np
+
+from clip_jax import storage
 
 
 def _duration(seconds: float) -> str:
@@ -37,7 +40,7 @@ class MetricsLogger:
         wandb_project: str | None = None,
         wandb_config: dict | None = None,
     ):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.lines = storage.JsonLines(os.path.join(workdir, "metrics.jsonl")) if primary else None
         self.total_steps = total_steps
         self.global_batch = global_batch
         self.primary = primary
@@ -63,8 +66,7 @@ class MetricsLogger:
         }
         self._last_time, self._last_step = now, step
         if self.primary:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.lines.append(json.dumps(record))
             self.summaries.scalars(step, record, "train/")
             print(
                 f"step {step}/{self.total_steps} loss {values['loss']:.4f} "
@@ -113,7 +115,10 @@ class Summaries:
                 print(f"wandb not installed: not logging to project {wandb_project!r}", flush=True)
             else:
                 name = os.path.basename(os.path.normpath(workdir))
-                self.wandb = wandb.init(project=wandb_project, name=name, config=wandb_config, dir=workdir)
+                # W&B keeps its run files on local disk (a cache directory for a gs:// workdir).
+                local = storage.local_dir(workdir, "wandb") if storage.is_remote(workdir) else workdir
+                os.makedirs(local, exist_ok=True)
+                self.wandb = wandb.init(project=wandb_project, name=name, config=wandb_config, dir=local)
 
     def scalars(self, step: int, values: dict, prefix: str) -> None:
         scalars = {

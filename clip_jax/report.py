@@ -1,6 +1,7 @@
 """An HTML report of a training run: ``python -m clip_jax.report WORKDIR``.
 
-Writes ``WORKDIR/report/index.html`` and PNGs: training curves from
+Writes ``WORKDIR/report/index.html`` and PNGs (for a ``gs://`` workdir, into a
+local cache directory, printed: a report is for a browser): training curves from
 ``metrics.jsonl`` (loss, in-batch accuracies, logit scale, learning rate,
 throughput), evaluation results over steps from ``eval/*.json`` with their
 chance levels, confusion matrices of small label sets, per-template prompt
@@ -10,7 +11,6 @@ retrieval gallery: the top images of a few captions, the top captions of a few i
 
 from __future__ import annotations
 
-import glob
 import html
 import json
 import os
@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from clip_jax import storage  # noqa: E402
 
 CURVES = (
     ("loss", ("loss",)),
@@ -35,20 +37,19 @@ CURVES = (
 
 def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def read_evals(workdir: str) -> dict[str, list[tuple[int, dict]]]:
     """eval/STEP[_TASK_DATASET].json -> {"" or "TASK_DATASET": [(step, results), ...] by step}."""
     out: dict[str, list] = {}
-    for path in glob.glob(os.path.join(workdir, "eval", "*.json")):
+    for path in storage.glob(os.path.join(workdir, "eval", "*.json")):
         match = re.fullmatch(r"(\d+)_?(.*)\.json", os.path.basename(path))
         if match:
-            with open(path) as f:
-                out.setdefault(match.group(2), []).append((int(match.group(1)), json.load(f)))
+            results = json.loads(storage.read_text(path))
+            out.setdefault(match.group(2), []).append((int(match.group(1)), results))
     return {k: sorted(v, key=lambda x: x[0]) for k, v in sorted(out.items())}
 
 
@@ -194,9 +195,9 @@ def _table(results: dict) -> str:
 
 def build(workdir: str) -> str:
     """Writes the report; returns the path of index.html."""
-    out = os.path.join(workdir, "report")
+    out = storage.local_dir(workdir, "report")
     os.makedirs(out, exist_ok=True)
-    parts = [f"<h1>clip_jax run: {html.escape(os.path.abspath(workdir))}</h1>"]
+    parts = [f"<h1>clip_jax run: {html.escape(storage.absolute(workdir))}</h1>"]
     rows = read_metrics(workdir)
     if rows:
         plot_training(rows, os.path.join(out, "training.png"))
@@ -224,7 +225,7 @@ def build(workdir: str) -> str:
                 report, f"zero-shot {attribute}: accuracy per prompt template", os.path.join(out, name)
             )
             parts.append(f"<img src='{name}'>")
-    if glob.glob(os.path.join(workdir, "checkpoints", "*")):
+    if storage.glob(os.path.join(workdir, "checkpoints", "*")):
         try:
             if scenes_gallery(workdir, os.path.join(out, "gallery.png")):
                 parts.append("<h2>Retrieval gallery</h2><img src='gallery.png'>")

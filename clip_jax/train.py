@@ -21,10 +21,13 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from clip_jax import checkpoint, evaluate, losses, metrics, optim, sharding, validation
+from clip_jax import checkpoint, evaluate, losses, metrics, optim, sharding, storage, validation
 from clip_jax.data import pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip
+
+# A run's sentencepiece model, copied into its workdir at the start.
+TOKENIZER_FILE = "tokenizer.model"
 
 
 @flax.struct.dataclass
@@ -218,7 +221,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
     if data.get("scenes"):
         spec = data.scenes
         dataset = scenes.ensure_dataset(
-            spec.dir or os.path.join(workdir, "scenes"),
+            spec.dir or storage.local_dir(workdir, "scenes"),
             num_train=spec.num_train,
             num_heldout_things=spec.num_heldout_things,
             num_heldout_scenes=spec.num_heldout_scenes,
@@ -252,7 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     validation.check_config(config)
     mesh = sharding.make_mesh(config.sharding.mesh)
     validation.check_batch(config, mesh)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     data = resolve_data(config, workdir)
     context_length = build_model(config).config.text.context_length
     tokenizer = Tokenizer(data.tokenizer, context_length)
@@ -261,8 +264,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     loss_fn = losses.make_loss(config.train.loss, mesh)
     r = Run(config, workdir, mesh, model, tokenizer, data, jax.process_index() == 0)
     if r.primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        storage.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        # The workdir carries its tokenizer: export and inference need nothing else.
+        storage.copy_file(data.tokenizer, os.path.join(workdir, TOKENIZER_FILE))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         abstract, shardings = state_shardings(model, tx, mesh)
@@ -376,6 +380,4 @@ def log_model_summary(abstract: TrainState, mesh: Mesh) -> None:
 
 
 def write_eval(workdir: str, step: int, results: dict) -> None:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"{step}.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    storage.write_text(os.path.join(workdir, "eval", f"{step}.json"), json.dumps(results, indent=2))

@@ -5,13 +5,12 @@ Every error names the config field and says what to do.
 
 from __future__ import annotations
 
-import os
 import re
 
 import ml_collections
 from jax.sharding import Mesh
 
-from clip_jax import losses, sharding
+from clip_jax import losses, sharding, storage
 from clip_jax.data import pipeline, records
 from clip_jax.models import clip, layers
 
@@ -83,7 +82,7 @@ def check_finetune(config: ml_collections.ConfigDict) -> None:
         )
     init_from = config.train.get("init_from")
     _require(
-        not init_from or os.path.exists(init_from),
+        not init_from or storage.exists(init_from),
         f"config.train.init_from={init_from!r} does not exist (a clip_jax workdir, a params "
         "export, an HF directory or an OpenAI/open_clip state dict)",
     )
@@ -124,7 +123,8 @@ def check_data(data: ml_collections.ConfigDict) -> None:
         _require(
             bool(data.train_files),
             "config.data.train_files is required: pass "
-            "--config.data.train_files='gs://BUCKET/train-*.array_record' (ArrayRecord shards)",
+            "--config.data.train_files='/data/train-*.array_record' "
+            "(ArrayRecord shards on local disk or a gcsfuse mount)",
         )
     _require(
         bool(data.tokenizer),
@@ -169,6 +169,15 @@ def data_files(config: ml_collections.ConfigDict) -> list[str]:
         except tfds_source.TfdsError as e:
             raise ConfigError(str(e)) from None
     try:
-        return records.expand(config.data.train_files, "config.data.train_files")
+        files = records.expand(config.data.train_files, "config.data.train_files")
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    remote = [f for f in files if storage.is_remote(f)]
+    _require(
+        not remote or config.data.format == "webdataset",
+        f"config.data.train_files: {remote[0] if remote else ''} is in an object store, and "
+        f"data.format={config.data.format!r} reads local files only (ArrayRecord needs random "
+        "access to local files): mount the bucket with gcsfuse and give the mounted path, or "
+        "stream tar shards with data.format='webdataset'",
+    )
+    return files

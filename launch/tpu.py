@@ -13,9 +13,11 @@ train, logs, watch, run (= create + setup + train + watch), delete.
   ``--source=git:URL@REF`` cloned), a Python 3.11 venv (uv) and
   ``pip install -e '.[tpu]'``; the same ``python -m clip_jax.main --multihost ...``
   then starts on all workers, detached, logging to ~/clip_train.log.
-- ``gs://BUCKET/...`` paths in the training flags are mounted with gcsfuse at
-  /gcs/BUCKET on every worker and passed as /gcs/BUCKET/... (clip_jax reads and
-  writes its workdir through the local file system). ``--no_gcsfuse`` passes them as is.
+- The workdir stays ``gs://BUCKET/...``: orbax writes checkpoints to GCS itself
+  and clip_jax writes the rest through gcsfs (the ``tpu`` extra installs it).
+  Other ``gs://`` paths in the training flags (ArrayRecord data, which reads
+  local files only) are mounted with gcsfuse at /gcs/BUCKET on every worker and
+  passed as /gcs/BUCKET/.... ``--no_gcsfuse`` passes every path as is.
 - ``watch`` polls the slice's state (``describe --format=value(state)``). PREEMPTED
   (TPU VM) or SUSPENDED/FAILED (queued resource) -> delete, recreate, set up and
   start again: the run resumes from its latest checkpoint in the workdir. A
@@ -145,13 +147,29 @@ def scp_command(s: Slice, local: str, remote: str) -> list[str]:
     ]
 
 
+# Flags whose gs:// paths clip_jax opens itself (orbax/tensorstore and gcsfs): not mounted.
+NATIVE_FLAGS = ("--workdir",)
+
+
+def _native(args: Sequence[str]) -> list[bool]:
+    """Per argument: is it (the value of) a flag in NATIVE_FLAGS (``--f=V`` or ``--f V``)?"""
+    out = []
+    for i, a in enumerate(args):
+        flag = a.split("=", 1)[0]
+        out.append(flag in NATIVE_FLAGS or (i > 0 and "=" not in args[i - 1] and args[i - 1] in NATIVE_FLAGS))
+    return out
+
+
 def buckets(args: Sequence[str]) -> list[str]:
-    return sorted({m.group(1) for a in args for m in re.finditer(r"gs://([a-z0-9][-_.a-z0-9]*)", a)})
+    """The buckets gcsfuse mounts: those of the gs:// paths in the flags not in NATIVE_FLAGS."""
+    mounted = [a for a, native in zip(args, _native(args), strict=True) if not native]
+    return sorted({m.group(1) for a in mounted for m in re.finditer(r"gs://([a-z0-9][-_.a-z0-9]*)", a)})
 
 
 def to_mounted(args: Sequence[str]) -> list[str]:
-    """gs://BUCKET/x -> /gcs/BUCKET/x, where gcsfuse mounts the buckets."""
-    return [re.sub(r"gs://", "/gcs/", a) for a in args]
+    """gs://BUCKET/x -> /gcs/BUCKET/x (where gcsfuse mounts the buckets), except NATIVE_FLAGS'."""
+    native = _native(args)
+    return [a if n else re.sub(r"gs://", "/gcs/", a) for a, n in zip(args, native, strict=True)]
 
 
 def setup_script(source: str, bucket_names: Sequence[str]) -> str:

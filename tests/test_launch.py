@@ -39,7 +39,7 @@ def test_dry_run_of_a_v5e_256_spot_launch_prints_the_gcloud_commands(capsys):
     body = shlex.split(train[-1].removeprefix("--command="))
     inner = shlex.split(body[body.index("-c") + 1])
     assert inner[inner.index("-m") : inner.index("-m") + 3] == ["-m", "clip_jax.main", "--multihost"]
-    assert "--workdir=/gcs/my-bucket/runs/b16" in inner
+    assert "--workdir=gs://my-bucket/runs/b16" in inner  # written natively (orbax + gcsfs)
     assert "--config.data.train_files=/gcs/my-bucket/laion/train-*.array_record" in inner
     assert "--config=configs/b16.py" in inner
     describe = next(c for c in commands if "describe" in c)
@@ -117,3 +117,18 @@ def test_preempted_too_often_gives_up():
     s = tpu.Slice("clip", "z", "v4-8", spot=True)
     assert tpu.Launcher(s, MAIN_ARGS, runner=fake, sleep=lambda _: None, max_restarts=0).watch() == 1
     assert fake.count("delete") == 0
+
+
+def test_the_workdir_stays_on_gcs_and_only_data_buckets_are_mounted():
+    args = [
+        "--workdir",
+        "gs://runs-bucket/b16",
+        "--config.data.train_files=gs://data-bucket/x-*.array_record",
+    ]
+    assert tpu.to_mounted(args) == [
+        "--workdir",
+        "gs://runs-bucket/b16",
+        "--config.data.train_files=/gcs/data-bucket/x-*.array_record",
+    ]
+    assert tpu.buckets(args) == ["data-bucket"]
+    assert tpu.buckets(["--workdir=gs://runs-bucket/b16"]) == []

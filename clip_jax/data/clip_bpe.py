@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import regex
 
+from clip_jax import storage
+
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 PAD_ID = 0
 END_OF_WORD = "</w>"
@@ -64,8 +66,7 @@ def normalize(text: str) -> str:
 
 def read_merges(path: str) -> list[tuple[str, str]]:
     """``merges.txt``: an optional ``#version`` line, then one "left right" pair per line, by rank."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = storage.read_text(path).split("\n")
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     return [tuple(line.split()) for line in lines if line.strip()]
@@ -77,8 +78,7 @@ class ClipBpeTokenizer:
     def __init__(self, vocab_path: str, merges_path: str, context_length: int = 77):
         self.vocab_path, self.merges_path = vocab_path, merges_path
         self.context_length = context_length
-        with open(vocab_path, encoding="utf-8") as f:
-            self.encoder: dict[str, int] = json.load(f)
+        self.encoder: dict[str, int] = json.loads(storage.read_text(vocab_path))
         self.ranks = {pair: rank for rank, pair in enumerate(read_merges(merges_path))}
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
         self.byte_chars = bytes_to_unicode()

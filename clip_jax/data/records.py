@@ -11,7 +11,6 @@ format; the Grain pipeline reads it with random access.
 
 from __future__ import annotations
 
-import glob
 import os
 import uuid
 from collections.abc import Iterable, Mapping
@@ -19,6 +18,8 @@ from typing import Any
 
 import msgpack
 from array_record.python.array_record_module import ArrayRecordWriter
+
+from clip_jax import storage
 
 # One record per chunk: fastest random access for a globally shuffled read.
 WRITER_OPTIONS = "group_size:1"
@@ -72,7 +73,7 @@ def expand(pattern: str, field: str) -> list[str]:
 
     ``field`` names the config entry in the error raised when nothing matches.
     """
-    files = sorted(f for part in pattern.split(",") for f in glob.glob(part.strip()))
+    files = sorted(f for part in pattern.split(",") for f in storage.glob(part.strip()))
     if not files:
         raise FileNotFoundError(f"{field}={pattern!r} matches no files")
     return files

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from clip_jax import storage
 from clip_jax.data import records
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -29,7 +30,7 @@ class Tokenizer:
     def __init__(self, model_path: str, context_length: int):
         self.model_path = model_path
         self.context_length = context_length
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        self._sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(model_path))
         if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID or self._sp.bos_id() != BOS_ID:
             raise ValueError(
                 f"tokenizer {model_path} must use pad=0, unk=1, bos=2, eos=3 "

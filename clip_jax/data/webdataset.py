@@ -27,6 +27,7 @@ import grain
 import jax
 import numpy as np
 
+from clip_jax import storage
 from clip_jax.data import pipeline, skips
 from clip_jax.data.tokenizer import Tokenizer
 
@@ -78,7 +79,7 @@ def iter_tar(fileobj: BinaryIO) -> Iterator[dict[str, Any]]:
 
 
 def iter_tar_file(path: str) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:  # local, or streamed from gs://
         yield from iter_tar(f)
 
 

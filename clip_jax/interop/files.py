@@ -16,14 +16,16 @@ transformers has no CLIP ResNet, so those export as ``open_clip`` or ``params``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+import safetensors.numpy
 
+from clip_jax import storage
 from clip_jax.interop import hf, mapping, openai
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.resnet import ResNetConfig
@@ -85,38 +87,57 @@ def save(
 ) -> tuple[str, dict[str, np.ndarray]]:
     """Writes ``params`` in ``fmt`` under the directory ``out``; returns (weights file, tensors)."""
     tensors = external_tensors(params, config, fmt, progress)
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     if fmt == "hf":
         path = os.path.join(out, HF_WEIGHTS)
         logit_scale = float(np.asarray(params["logit_scale"]))
         _write_json(os.path.join(out, HF_CONFIG), hf.hf_config(config, logit_scale, eos_id, bos_id))
-        save_file(tensors, path, metadata={"format": "pt"})  # transformers insists on "pt"
+        _write_safetensors(tensors, path, "pt")  # transformers insists on "pt"
     elif fmt == "open_clip":
         path = os.path.join(out, OPEN_CLIP_WEIGHTS)
-        save_file(tensors, path, metadata={"format": "pt"})
+        _write_safetensors(tensors, path, "pt")
     else:
         path = os.path.join(out, PARAMS_WEIGHTS)
         meta = {"format": "clip_jax.params", "eos_id": eos_id, "bos_id": bos_id}
         _write_json(os.path.join(out, PARAMS_CONFIG), {**meta, "config": config_to_dict(config)})
-        save_file(tensors, path, metadata={"format": "clip_jax"})
+        _write_safetensors(tensors, path, "clip_jax")
     return path, tensors
 
 
 def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    storage.write_text(path, json.dumps(obj, indent=2))
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], path: str, fmt: str) -> None:
+    if storage.is_remote(path):  # one upload of the serialised file
+        storage.write_bytes(path, safetensors.numpy.save(tensors, metadata={"format": fmt}))
+    else:  # streamed to disk: no second copy of the weights in memory
+        safetensors.numpy.save_file(tensors, path, metadata={"format": fmt})
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    if storage.is_remote(path):
+        return safetensors.numpy.load(storage.read_bytes(path))
+    return safetensors.numpy.load_file(path)
+
+
+def _read_json(path: str) -> Any:
+    return json.loads(storage.read_text(path))
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
     """A safetensors file, or a torch state dict (``.pt``/``.bin``/JIT archive; needs torch)."""
     if path.endswith(".safetensors"):
-        return load_file(path)
+        return _read_safetensors(path)
     import torch  # optional: only for PyTorch pickles
 
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except RuntimeError:  # OpenAI's original downloads are TorchScript archives
-        state = torch.jit.load(path, map_location="cpu").state_dict()
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        state = torch.jit.load(source, map_location="cpu").state_dict()
     if isinstance(state, dict) and "state_dict" in state:  # open_clip's training checkpoints
         state = state["state_dict"]
     tensors = {}
@@ -138,9 +159,8 @@ def special_ids(path: str) -> tuple[int, int] | None:
         (PARAMS_CONFIG, lambda c: (c["eos_id"], c["bos_id"])),
         (HF_CONFIG, lambda c: (c["text_config"]["eos_token_id"], c["text_config"]["bos_token_id"])),
     ):
-        if os.path.isdir(path) and os.path.exists(os.path.join(path, name)):
-            with open(os.path.join(path, name)) as f:
-                return read(json.load(f))
+        if storage.isdir(path) and storage.exists(os.path.join(path, name)):
+            return read(_read_json(os.path.join(path, name)))
     return None
 
 
@@ -152,15 +172,13 @@ def load(path: str, **openai_options: Any) -> tuple[CLIPConfig, dict]:
     ``open_clip_model.safetensors``, or the file: ``.safetensors``/``.pt``/``.bin``).
     ``openai_options`` (vision_heads, text_heads, activation) go to `openai.clip_config`.
     """
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, PARAMS_CONFIG)):
-            with open(os.path.join(path, PARAMS_CONFIG)) as f:
-                config = config_from_dict(json.load(f)["config"])
-            flat = load_file(os.path.join(path, PARAMS_WEIGHTS))
+    if storage.isdir(path):
+        if storage.exists(os.path.join(path, PARAMS_CONFIG)):
+            config = config_from_dict(_read_json(os.path.join(path, PARAMS_CONFIG))["config"])
+            flat = _read_safetensors(os.path.join(path, PARAMS_WEIGHTS))
             return config, mapping.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
-        if os.path.exists(os.path.join(path, HF_CONFIG)):
-            with open(os.path.join(path, HF_CONFIG)) as f:
-                config = hf.clip_config(json.load(f))
+        if storage.exists(os.path.join(path, HF_CONFIG)):
+            config = hf.clip_config(_read_json(os.path.join(path, HF_CONFIG)))
             tensors = read_tensors(os.path.join(path, HF_WEIGHTS))
             maps = hf.tensor_maps(config)
             if extra := _unexpected(tensors, maps, hf.IGNORED):

@@ -180,21 +180,35 @@ def load(
     return CLIPModel(model, params, tok, path, batch_size)
 
 
-def matching_params(path: str, reference: Any) -> dict:
-    """The weights at ``path`` in the layout of ``reference`` (a model's params tree or its
-    abstract shapes): for ``config.train.init_from``. Every parameter must be there with
-    its shape, except ``logit_bias`` (SigLIP from a CLIP), which keeps ``reference``'s.
+def matching_variables(path: str, params: Any, model_state: Any = None) -> tuple[dict, Any]:
+    """(params, model_state): the weights at ``path`` in the layout of ``params`` and
+    ``model_state`` (a model's trees or their abstract shapes), for ``config.train.init_from``.
 
-    Raises ValueError naming the parameters that are missing, extra or mis-shaped.
+    Every parameter must be there with its shape, except ``logit_bias`` (SigLIP from a
+    CLIP), which keeps the reference's. A ResNet tower's ``batch_stats`` (in
+    ``model_state``) come from the file too: fine-tuning an imported RN50 keeps its
+    BatchNorm statistics. Raises ValueError naming what is missing, extra or mis-shaped.
     """
     _, weights, _ = load_weights(path)
-    weights = {k: v for k, v in weights.items() if k != openai_resnet.BATCH_STATS}
+    stats = weights.pop(openai_resnet.BATCH_STATS, None)
+    params = _matching(path, weights, params, optional={"logit_bias"})
+    if model_state and openai_resnet.BATCH_STATS in model_state:
+        if stats is None:
+            raise ValueError(f"config.train.init_from={path!r} has no BatchNorm statistics for the ResNet")
+        model_state = {
+            **model_state,
+            openai_resnet.BATCH_STATS: _matching(path, stats, model_state[openai_resnet.BATCH_STATS]),
+        }
+    return params, model_state
+
+
+def _matching(path: str, weights: dict, reference: Any, optional: set[str] = frozenset()) -> dict:
     leaves = jax.tree_util.tree_leaves_with_path(reference)
-    want = {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
+    want = {"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in leaves}
     if any("/blocks/" in k for k in want):
         raise ValueError("config.train.init_from: unstack first; config.model.scan=True is not supported")
     have = mapping.flatten(weights)
-    missing = sorted(set(want) - set(have) - {"logit_bias"})
+    missing = sorted(set(want) - set(have) - optional)
     extra = sorted(set(have) - set(want))
     shapes = [
         f"{k}: {have[k].shape} != {want[k].shape}"

@@ -322,9 +322,11 @@ def initial_state(r: Run, tx, checkpoints, abstract, shardings, batches) -> Trai
     if r.config.train.init_from:
         from clip_jax import inference  # here: it imports train for workdirs
 
-        params = inference.matching_params(r.config.train.init_from, state.params)
+        params, model_state = inference.matching_variables(
+            r.config.train.init_from, state.params, state.model_state
+        )
         fresh = lambda p, m: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), m)
-        state = jax.jit(fresh, out_shardings=shardings)(params, state.model_state)
+        state = jax.jit(fresh, out_shardings=shardings)(params, model_state)
         if r.primary:
             print(f"initialised from {r.config.train.init_from}", flush=True)
     return state

@@ -30,6 +30,23 @@ class Crash(Exception):
     pass
 
 
+def crashing_compile(at_step: int):
+    """A `train.compile_train_step` whose step raises Crash once ``at_step`` steps are done."""
+    real_compile = train.compile_train_step
+
+    def compile_train_step(*args, **kwargs):
+        step_fn = real_compile(*args, **kwargs)
+
+        def step(state, batch):
+            if int(state.step) == at_step:
+                raise Crash
+            return step_fn(state, batch)
+
+        return step
+
+    return compile_train_step
+
+
 def assert_trees_bitwise_equal(a, b):
     leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
     assert len(leaves_a) == len(leaves_b)
@@ -42,22 +59,10 @@ def test_interrupted_run_resumes_bitwise_equal(tmp_path, scenes_dataset, monkeyp
     reference = train.run(config, str(tmp_path / "reference"))["state"]
 
     # Crash right after step 5's update (its checkpoint is step 3), then restart.
-    real_compile = train.compile_train_step
-
-    def crashing_compile(*args, **kwargs):
-        step_fn = real_compile(*args, **kwargs)
-
-        def step(state, batch):
-            if int(state.step) == 5:
-                raise Crash
-            return step_fn(state, batch)
-
-        return step
-
-    monkeypatch.setattr(train, "compile_train_step", crashing_compile)
-    with pytest.raises(Crash):
-        train.run(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(train, "compile_train_step", real_compile)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "compile_train_step", crashing_compile(5))
+        with pytest.raises(Crash):
+            train.run(config, str(tmp_path / "resumed"))
     saved = [int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit()]
     assert max(saved) == 3  # (orbax also keeps the run's first step)
     resumed = train.run(config, str(tmp_path / "resumed"))["state"]

@@ -158,10 +158,10 @@ def test_lit_run_from_init_from_keeps_the_image_tower_bitwise(tmp_path, scenes_d
 def test_init_from_loads_exactly_the_files_weights(export):
     _, start, _ = inference.load_weights(export)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), start)
-    loaded = inference.matching_params(export, shapes)
+    loaded, _ = inference.matching_variables(export, shapes)
     assert mapping.flatten(loaded).keys() == mapping.flatten(start).keys()
     for a, b in zip(bits(start), bits(loaded), strict=True):
         np.testing.assert_array_equal(a, b)
     shapes["text"]["token_embedding"]["embedding"] = jax.ShapeDtypeStruct((999, 8), jnp.float32)
     with pytest.raises(ValueError, match="token_embedding"):
-        inference.matching_params(export, shapes)
+        inference.matching_variables(export, shapes)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import load_config
-from test_checkpoint import Crash, assert_trees_bitwise_equal, restore, save_steps
+from test_checkpoint import Crash, assert_trees_bitwise_equal, crashing_compile, restore, save_steps
 
 from clip_jax import checkpoint, export, sharding, storage, train, validation
 from clip_jax.data import webdataset
@@ -101,20 +101,8 @@ def test_a_gs_workdir_trains_resumes_bitwise_and_exports(gcs, scenes_dataset, tm
 
     # Interrupted after step 5 (the checkpoints are steps 2 and 4), then run again.
     workdir = f"{gcs}/runs/demo"
-    real_compile = train.compile_train_step
-
-    def crashing_compile(*args, **kwargs):
-        step_fn = real_compile(*args, **kwargs)
-
-        def step(state, batch):
-            if int(state.step) == 5:
-                raise Crash
-            return step_fn(state, batch)
-
-        return step
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "compile_train_step", crashing_compile)
+        patch.setattr(train, "compile_train_step", crashing_compile(5))
         with pytest.raises(Crash):
             train.run(small_demo(scenes_dataset, 6), workdir)
     objects = storage.files_under(workdir)

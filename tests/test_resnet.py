@@ -388,3 +388,29 @@ def test_resnet_tower_trains_through_the_train_step_with_frozen_batch_norm():
     moved = np.abs(after.params["visual"]["conv1"]["kernel"] - before.params["visual"]["conv1"]["kernel"])
     assert moved.max() > 0
     assert losses_seen[-1] < losses_seen[0]
+
+
+def test_init_from_an_imported_resnet_carries_its_batch_statistics(tmp_path):
+    """config.train.init_from of an RN export: the fine-tuning state starts from the
+    file's BatchNorm running statistics, not from a fresh model's (mean 0, variance 1)."""
+    from clip_jax import inference
+
+    config = SHAPES["rn-l1111-w16-i64"]
+    weights = random_weights(config, seed=3)
+    files.save(str(tmp_path / "rn"), weights, config, "params", eos_id=63, bos_id=62)
+    fresh = jax.tree.map(jnp.zeros_like, abstract_variables(config))  # a model's own variables
+    params, model_state = inference.matching_variables(
+        str(tmp_path / "rn"), nn.meta.unbox(fresh["params"]), {"batch_stats": fresh["batch_stats"]}
+    )
+    expected = mapping.flatten(weights)
+    got = mapping.flatten({**params, **model_state})
+    assert got.keys() == expected.keys()
+    for path, value in expected.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=path)
+    assert any(np.any(v != 0) for k, v in got.items() if k.startswith("batch_stats/"))
+    with pytest.raises(ValueError, match="no BatchNorm statistics"):
+        no_stats = {k: v for k, v in weights.items() if k != "batch_stats"}
+        files.save(str(tmp_path / "vit_like"), no_stats, config, "params", eos_id=63, bos_id=62)
+        inference.matching_variables(
+            str(tmp_path / "vit_like"), nn.meta.unbox(fresh["params"]), {"batch_stats": fresh["batch_stats"]}
+        )

@@ -6,7 +6,7 @@
         --config.data.tokenizer=gs://BUCKET/laion400m/tokenizer.model
 
 Everything after ``--`` goes to ``clip_jax.main``. Subcommands: create, setup,
-train, logs, watch, run (= create + setup + train + watch), delete.
+train, stop, logs, watch, run (= create + setup + train + watch), delete.
 ``--dry_run`` prints the gcloud commands instead of running them.
 
 - Every worker gets the code (``git archive`` of HEAD copied with scp, or
@@ -21,7 +21,8 @@ train, logs, watch, run (= create + setup + train + watch), delete.
 - ``watch`` polls the slice's state (``describe --format=value(state)``). PREEMPTED
   (TPU VM) or SUSPENDED/FAILED (queued resource) -> delete, recreate, set up and
   start again: the run resumes from its latest checkpoint in the workdir. A
-  training process that exits non-zero on a healthy slice is restarted as is.
+  training process that exits non-zero on a healthy slice is restarted as is,
+  after what is left of it on the other workers is stopped (SIGTERM, then SIGKILL).
   Both count against ``--max_restarts``.
 """
 
@@ -206,6 +207,18 @@ def setup_script(source: str, bucket_names: Sequence[str]) -> str:
     return "; ".join(steps)
 
 
+def stop_script(grace_s: int = 90) -> str:
+    """Stops what is left of a run on a worker (say, hung in a collective after another worker
+    died): SIGTERM to its process group (a save, where the processes can still agree on a
+    step), SIGKILL after ``grace_s`` seconds. A no-op where nothing runs."""
+    alive = f"kill -0 $(cat {PID}) 2>/dev/null"
+    return (
+        f"if [ -f {PID} ] && {alive}; then kill -TERM -- -$(cat {PID}); "
+        f"for i in $(seq {grace_s}); do {alive} || break; sleep 1; done; "
+        f"kill -KILL -- -$(cat {PID}) 2>/dev/null; fi; true"
+    )
+
+
 def train_script(main_args: Sequence[str]) -> str:
     """Starts clip_jax.main detached on a worker; its exit code lands in ~/clip_train.rc."""
     train = shlex.join([f"{VENV}/bin/python", "-m", "clip_jax.main", "--multihost", *main_args])
@@ -262,6 +275,10 @@ class Launcher:
     def train(self) -> None:
         self._run(ssh_command(self.slice, train_script(self.main_args)))
 
+    def stop(self) -> None:
+        """Stops training on every worker (a worker still running refuses a new start)."""
+        self._run(ssh_command(self.slice, stop_script()))
+
     def delete(self) -> None:
         self.runner(delete_command(self.slice))  # may already be gone
 
@@ -304,6 +321,7 @@ class Launcher:
                         return code
                     restarts += 1
                     print(f"training exited {code} on a {state} slice: restart {restarts}", flush=True)
+                    self.stop()  # the other workers' processes may still be alive
                     self.train()
             # CREATING, REPAIRING, PROVISIONING, ...: wait.
 
@@ -318,7 +336,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("action", choices=["create", "setup", "train", "logs", "watch", "run", "delete"])
+    actions = ["create", "setup", "train", "stop", "logs", "watch", "run", "delete"]
+    parser.add_argument("action", choices=actions)
     parser.add_argument("--name", required=True)
     parser.add_argument("--zone", required=True)
     parser.add_argument(

@@ -3,7 +3,10 @@
 import importlib.util
 import pathlib
 import shlex
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -109,7 +112,29 @@ def test_a_failed_training_process_on_a_healthy_slice_restarts_then_gives_up():
     fake = FakeGcloud(states=["READY"] * 3, exit_codes=["1", "1", "1"])
     assert launcher(fake, max_restarts=2).watch() == 1
     assert fake.count("create") == 0 and fake.count("delete") == 0
-    assert sum(any("clip_jax.main" in a for a in c) for c in fake.calls) == 2
+    starts = [i for i, c in enumerate(fake.calls) if any("clip_jax.main" in a for a in c)]
+    stops = [i for i, c in enumerate(fake.calls) if any("kill -TERM --" in a for a in c)]
+    assert len(starts) == len(stops) == 2
+    # Before each restart, on every worker, what is left of the run is stopped.
+    assert all(stop == start - 1 for stop, start in zip(stops, starts, strict=True))
+    assert all("--worker=all" in fake.calls[i] for i in stops)
+
+
+def test_the_stop_script_terms_then_kills_the_process_group(tmp_path):
+    """stop_script run by bash against a real process group started like train_script does."""
+    pid_file = tmp_path / "pid"
+    script = tpu.stop_script(grace_s=2).replace(tpu.PID, str(pid_file))
+    # A group that ignores SIGTERM: only the SIGKILL after the grace period ends it.
+    proc = subprocess.Popen(
+        ["setsid", "bash", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"], start_new_session=False
+    )
+    pid_file.write_text(str(proc.pid))
+    time.sleep(0.3)
+    started = time.monotonic()
+    subprocess.run(["bash", "-c", script], check=True, timeout=30)
+    assert proc.wait(timeout=10) == -signal.SIGKILL and time.monotonic() - started >= 1.5
+    # Nothing running: a no-op that succeeds.
+    subprocess.run(["bash", "-c", script], check=True, timeout=10)
 
 
 def test_preempted_too_often_gives_up():

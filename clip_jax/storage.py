@@ -46,16 +46,23 @@ def absolute(path: str) -> str:
     return path if is_remote(path) else os.path.abspath(path)
 
 
+def _path(path: str) -> epath.Path:
+    """epath's Path; for a URL, with the listing cache dropped (questions get fresh answers)."""
+    if is_remote(path):
+        _fs(path)
+    return epath.Path(path)
+
+
 def exists(path: str) -> bool:
-    return epath.Path(path).exists()
+    return _path(path).exists()
 
 
 def isdir(path: str) -> bool:
-    return epath.Path(path).is_dir()
+    return _path(path).is_dir()
 
 
 def size(path: str) -> int:
-    return epath.Path(path).stat().length
+    return _path(path).stat().length
 
 
 def makedirs(path: str) -> None:
@@ -115,18 +122,15 @@ def _strip_protocol(path: str) -> str:
 
 def listdir(path: str) -> list[str]:
     """Names in the directory ``path`` (a fresh listing for URLs)."""
-    if is_remote(path):
-        _fs(path)
-    return sorted(p.name for p in epath.Path(path).iterdir())
+    return sorted(p.name for p in _path(path).iterdir())
 
 
 def glob(pattern: str) -> list[str]:
     """Sorted paths matching ``pattern`` (wildcards in the last component for URLs)."""
     if not is_remote(pattern):
         return sorted(globlib.glob(pattern))
-    _fs(pattern)  # a fresh listing
     parent, name = pattern.rsplit("/", 1)
-    return sorted(os.fspath(p) for p in epath.Path(parent).glob(name))
+    return sorted(os.fspath(p) for p in _path(parent).glob(name))
 
 
 def files_under(root: str) -> list[str]:

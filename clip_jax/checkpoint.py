@@ -30,7 +30,6 @@ What orbax does not do, done here:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import grain
@@ -60,13 +59,13 @@ def write_manifest(step_dir: str) -> None:
     Written last and atomically: it also marks the step as confirmed complete.
     """
     manifest = {n: f for n, f in storage.file_fingerprints(step_dir).items() if n != MANIFEST}
-    storage.write_text(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    storage.write_json(os.path.join(step_dir, MANIFEST), dict(sorted(manifest.items())), indent=1)
 
 
 def damage(step_dir: str) -> str | None:
     """Why ``step_dir`` cannot be trusted, or None when every file matches its manifest."""
     try:
-        manifest = json.loads(storage.read_text(os.path.join(step_dir, MANIFEST)))
+        manifest = storage.read_json(os.path.join(step_dir, MANIFEST))
     except FileNotFoundError:
         return f"no {MANIFEST}: the save was never confirmed complete"
     except ValueError as e:

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 
@@ -270,7 +269,7 @@ def main(argv):
         print_table(f"{FLAGS.task} {FLAGS.dataset or ''} (step {results['step']})", results)
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", FLAGS.dataset or "scenes").strip("-")
     path = os.path.join(FLAGS.workdir, "eval", f"{results['step']}_{FLAGS.task}_{name}.json")
-    storage.write_text(path, json.dumps(results, indent=2))
+    storage.write_json(path, results)
     print(f"wrote {path}")
 
 

@@ -15,7 +15,6 @@ See `clip_jax.interop` for the layouts.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -46,7 +45,7 @@ def define_flags() -> None:
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run wrote to ``WORKDIR/config.json``."""
-    return ml_collections.ConfigDict(json.loads(storage.read_text(os.path.join(workdir, "config.json"))))
+    return ml_collections.ConfigDict(storage.read_json(os.path.join(workdir, "config.json")))
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -57,7 +56,7 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
         return carried
     scenes = config.data.get("scenes")
     if scenes:
-        return os.path.join(scenes.get("dir") or storage.local_dir(workdir, "scenes"), "tokenizer.model")
+        return os.path.join(scenes.get("dir") or storage.local_dir(workdir, "scenes"), train.TOKENIZER_FILE)
     return config.data.tokenizer
 
 
@@ -142,7 +141,7 @@ def export(source: dict[str, Any], fmt: str, out: str) -> dict[str, Any]:
         progress=_progress(f"converting to {fmt}"),
     )
     if fmt == "params" and source.get("tokenizer"):  # inference needs the run's tokenizer too
-        storage.copy_file(source["tokenizer"], os.path.join(out, "tokenizer.model"))
+        storage.copy_file(source["tokenizer"], os.path.join(out, train.TOKENIZER_FILE))
     return {
         "format": fmt,
         "step": source["step"],

@@ -48,7 +48,7 @@ def read_evals(workdir: str) -> dict[str, list[tuple[int, dict]]]:
     for path in storage.glob(os.path.join(workdir, "eval", "*.json")):
         match = re.fullmatch(r"(\d+)_?(.*)\.json", os.path.basename(path))
         if match:
-            results = json.loads(storage.read_text(path))
+            results = storage.read_json(path)
             out.setdefault(match.group(2), []).append((int(match.group(1)), results))
     return {k: sorted(v, key=lambda x: x[0]) for k, v in sorted(out.items())}
 

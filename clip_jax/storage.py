@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import json
 import os
 import re
 import shutil
-from typing import IO
+from typing import IO, Any
 
 from etils import epath
 from etils.epath import backend as epath_backend
@@ -87,6 +88,15 @@ def read_text(path: str) -> str:
 
 def remove(path: str) -> None:
     epath.Path(path).unlink()
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """``obj`` as JSON (keys in their order), written atomically like `write_bytes`."""
+    write_text(path, json.dumps(obj, indent=indent))
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -175,9 +185,10 @@ def file_fingerprints(root: str, names: list[str] | None = None) -> dict[str, di
             if os.path.isfile(path):
                 out[name] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
         return out
+    wanted = None if names is None else set(names)
     out = {}
     for name, info in _file_infos(root).items():
-        if names is not None and name not in names:
+        if wanted is not None and name not in wanted:
             continue
         entry = {"size": int(info["size"])}
         if info.get("crc32c"):

@@ -8,7 +8,6 @@ branches on config values.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -382,4 +381,4 @@ def log_model_summary(abstract: TrainState, mesh: Mesh) -> None:
 
 
 def write_eval(workdir: str, step: int, results: dict) -> None:
-    storage.write_text(os.path.join(workdir, "eval", f"{step}.json"), json.dumps(results, indent=2))
+    storage.write_json(os.path.join(workdir, "eval", f"{step}.json"), results)

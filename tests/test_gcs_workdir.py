@@ -24,7 +24,7 @@ from test_checkpoint import Crash, assert_trees_bitwise_equal, crashing_compile,
 
 from clip_jax import checkpoint, export, sharding, storage, train, validation
 from clip_jax.data import webdataset
-from clip_jax.interop import files
+from clip_jax.interop import files, mapping
 
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 pytest.importorskip("gcsfs")
@@ -132,12 +132,9 @@ def test_a_gs_workdir_trains_resumes_bitwise_and_exports(gcs, scenes_dataset, tm
     summary = export.export(run, "params", f"{gcs}/exports/demo")
     assert summary["bytes"] == storage.size(f"{gcs}/exports/demo/{files.PARAMS_WEIGHTS}") > 0
     config, params = files.load(f"{gcs}/exports/demo")
-    trained = jax.device_get(resumed.params)
-    for path, value in jax.tree_util.tree_leaves_with_path(params):
-        expected = trained
-        for key in path:
-            expected = expected[key.key]
-        np.testing.assert_array_equal(value, np.asarray(expected, np.float32))
+    trained = mapping.flatten(jax.device_get(resumed.params))
+    for path, value in mapping.flatten(params).items():
+        np.testing.assert_array_equal(value, np.asarray(trained[path], np.float32), err_msg=path)
 
     # clip_jax.load on the gs:// workdir: the same embeddings as on the local export of it.
     import clip_jax

@@ -125,9 +125,7 @@ def test_the_stop_script_terms_then_kills_the_process_group(tmp_path):
     pid_file = tmp_path / "pid"
     script = tpu.stop_script(grace_s=2).replace(tpu.PID, str(pid_file))
     # A group that ignores SIGTERM: only the SIGKILL after the grace period ends it.
-    proc = subprocess.Popen(
-        ["setsid", "bash", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"], start_new_session=False
-    )
+    proc = subprocess.Popen(["setsid", "bash", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"])
     pid_file.write_text(str(proc.pid))
     time.sleep(0.3)
     started = time.monotonic()

@@ -17,7 +17,6 @@ tokenise differently.
 from __future__ import annotations
 
 import functools
-import json
 import unicodedata
 from collections.abc import Iterator, Sequence
 
@@ -78,7 +77,7 @@ class ClipBpeTokenizer:
     def __init__(self, vocab_path: str, merges_path: str, context_length: int = 77):
         self.vocab_path, self.merges_path = vocab_path, merges_path
         self.context_length = context_length
-        self.encoder: dict[str, int] = json.loads(storage.read_text(vocab_path))
+        self.encoder: dict[str, int] = storage.read_json(vocab_path)
         self.ranks = {pair: rank for rank, pair in enumerate(read_merges(merges_path))}
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
         self.byte_chars = bytes_to_unicode()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -91,7 +90,7 @@ def save(
     if fmt == "hf":
         path = os.path.join(out, HF_WEIGHTS)
         logit_scale = float(np.asarray(params["logit_scale"]))
-        _write_json(os.path.join(out, HF_CONFIG), hf.hf_config(config, logit_scale, eos_id, bos_id))
+        storage.write_json(os.path.join(out, HF_CONFIG), hf.hf_config(config, logit_scale, eos_id, bos_id))
         _write_safetensors(tensors, path, "pt")  # transformers insists on "pt"
     elif fmt == "open_clip":
         path = os.path.join(out, OPEN_CLIP_WEIGHTS)
@@ -99,13 +98,9 @@ def save(
     else:
         path = os.path.join(out, PARAMS_WEIGHTS)
         meta = {"format": "clip_jax.params", "eos_id": eos_id, "bos_id": bos_id}
-        _write_json(os.path.join(out, PARAMS_CONFIG), {**meta, "config": config_to_dict(config)})
+        storage.write_json(os.path.join(out, PARAMS_CONFIG), {**meta, "config": config_to_dict(config)})
         _write_safetensors(tensors, path, "clip_jax")
     return path, tensors
-
-
-def _write_json(path: str, obj: Any) -> None:
-    storage.write_text(path, json.dumps(obj, indent=2))
 
 
 def _write_safetensors(tensors: dict[str, np.ndarray], path: str, fmt: str) -> None:
@@ -119,10 +114,6 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     if storage.is_remote(path):
         return safetensors.numpy.load(storage.read_bytes(path))
     return safetensors.numpy.load_file(path)
-
-
-def _read_json(path: str) -> Any:
-    return json.loads(storage.read_text(path))
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
@@ -160,7 +151,7 @@ def special_ids(path: str) -> tuple[int, int] | None:
         (HF_CONFIG, lambda c: (c["text_config"]["eos_token_id"], c["text_config"]["bos_token_id"])),
     ):
         if storage.isdir(path) and storage.exists(os.path.join(path, name)):
-            return read(_read_json(os.path.join(path, name)))
+            return read(storage.read_json(os.path.join(path, name)))
     return None
 
 
@@ -174,11 +165,11 @@ def load(path: str, **openai_options: Any) -> tuple[CLIPConfig, dict]:
     """
     if storage.isdir(path):
         if storage.exists(os.path.join(path, PARAMS_CONFIG)):
-            config = config_from_dict(_read_json(os.path.join(path, PARAMS_CONFIG))["config"])
+            config = config_from_dict(storage.read_json(os.path.join(path, PARAMS_CONFIG))["config"])
             flat = _read_safetensors(os.path.join(path, PARAMS_WEIGHTS))
             return config, mapping.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
         if storage.exists(os.path.join(path, HF_CONFIG)):
-            config = hf.clip_config(_read_json(os.path.join(path, HF_CONFIG)))
+            config = hf.clip_config(storage.read_json(os.path.join(path, HF_CONFIG)))
             tensors = read_tensors(os.path.join(path, HF_WEIGHTS))
             maps = hf.tensor_maps(config)
             if extra := _unexpected(tensors, maps, hf.IGNORED):

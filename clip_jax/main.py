@@ -15,7 +15,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from clip_jax import train
+from clip_jax import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/b16.py.")
 _WORKDIR = flags.DEFINE_string(
@@ -64,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,12 +10,12 @@ import re
 import ml_collections
 from jax.sharding import Mesh
 
-from clip_jax import losses, sharding, storage
+from clip_jax import cli, losses, sharding, storage
 from clip_jax.data import pipeline, records
 from clip_jax.models import clip, layers
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError, ValueError):
     """A config value that cannot work; the message names the field."""
 
 

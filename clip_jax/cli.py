@@ -1,0 +1,58 @@
+"""How every command starts and ends: absl flags, and a user's mistake as one line, exit code 2.
+
+Each command defines its flags only when run as a program, then calls ``cli.run(main)``
+instead of ``absl.app.run(main)``. What a user can fix (a missing or unreadable file,
+a wrong flag or config value) is raised as `UserError` (or one of `USER_ERRORS`) with a
+message that names the flag or file and what to do; it ends as ``error: MESSAGE`` on
+stderr with exit code 2. ``--debug`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message names the flag or file and what to do."""
+
+
+# Raised by the library for input a user gave (config values, files): also one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+
+
+def fail(message: str) -> None:
+    """Prints ``error: message`` and exits with `EXIT_USAGE`."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's own parse, with a flag mistake (unknown flag or config field, bad value) as one line."""
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as e:
+        fail(f"{e} (--help lists the flags)")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist
+        fail(f"a --config.* override names a field the config does not have: {e} (check the spelling)")
+    raise AssertionError("unreachable")
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+    """``absl.app.run(main)`` where user errors end as one line with exit code 2."""
+    if "debug" not in flags.FLAGS:
+        flags.DEFINE_bool("debug", False, "Show the traceback of a user error too.")
+
+    def guarded(argv: list[str]) -> int | None:
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            if flags.FLAGS.debug:
+                raise
+            fail(str(e))
+
+    app.run(guarded, flags_parser=_parse_flags)

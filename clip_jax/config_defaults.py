@@ -94,6 +94,9 @@ def base_config() -> ConfigDict:
             # resuming, wins): a clip_jax workdir, a params export, an HF directory or an
             # OpenAI/open_clip state dict (anything clip_jax.inference.load reads).
             "init_from": config_dict.placeholder(str),
+            # What init_from's bare OpenAI/open_clip state dict does not record, in the format of
+            # export's --weights_overrides: "vision_heads=16,text_heads=16,activation=gelu".
+            "init_from_overrides": config_dict.placeholder(str),
         }
     )
     c.eval = ConfigDict(

@@ -25,9 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
-from clip_jax import storage, train
+from clip_jax import cli, storage, train
 from clip_jax.data import tokenizer as sp_tokenizer
-from clip_jax.interop import files
+from clip_jax.interop import files, overrides
 from clip_jax.models import clip
 
 FLAGS = flags.FLAGS
@@ -37,6 +37,7 @@ def define_flags() -> None:
     """The command line's flags, defined only when run as a program (importing defines none)."""
     flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
     flags.DEFINE_string("weights", None, "Instead of --workdir: existing weights to convert.")
+    flags.DEFINE_string("weights_overrides", None, overrides.FLAG_HELP)
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
     flags.DEFINE_enum("format", "hf", files.FORMATS, "Output layout.")
     flags.DEFINE_string("out", None, "Output directory.")
@@ -106,10 +107,10 @@ def from_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
     }
 
 
-def from_weights(path: str) -> dict[str, Any]:
-    """Existing weights (any format `files.load` reads), with the special ids they record;
-    an OpenAI/open_clip state dict records none: OpenAI's BPE has EOS = vocab - 1, BOS before it."""
-    config, params = files.load(path)
+def from_weights(path: str, weights_overrides: Any = None) -> dict[str, Any]:
+    """Existing weights (any format `files.load` reads, with its ``overrides``), with the special
+    ids they record; an OpenAI/open_clip state dict records none: OpenAI's BPE has EOS = vocab - 1."""
+    config, params = files.load(path, weights_overrides)
     eos_id, bos_id = files.special_ids(path) or (config.text.vocab_size - 1, config.text.vocab_size - 2)
     return {"config": config, "params": params, "step": None, "eos_id": eos_id, "bos_id": bos_id}
 
@@ -158,7 +159,12 @@ def main(argv):
     if (FLAGS.workdir is None) == (FLAGS.weights is None):
         raise app.UsageError("give exactly one of --workdir and --weights")
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
-    source = from_workdir(FLAGS.workdir, FLAGS.step) if FLAGS.workdir else from_weights(FLAGS.weights)
+    if FLAGS.workdir and FLAGS.weights_overrides:
+        raise app.UsageError("--weights_overrides is for --weights (a run records its config)")
+    if FLAGS.workdir:
+        source = from_workdir(FLAGS.workdir, FLAGS.step)
+    else:
+        source = from_weights(FLAGS.weights, overrides.parse(FLAGS.weights_overrides))
     summary = export(source, FLAGS.format, FLAGS.out)
     step = "" if summary["step"] is None else f" (step {summary['step']})"
     print(
@@ -170,4 +176,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -30,6 +30,7 @@ from PIL import Image
 from clip_jax import storage
 from clip_jax.data import transforms
 from clip_jax.interop import files, mapping, openai_resnet
+from clip_jax.interop import overrides as overrides_lib
 from clip_jax.models import clip
 
 SENTENCEPIECE = "tokenizer.model"
@@ -42,16 +43,19 @@ def is_workdir(path: str) -> bool:
     )
 
 
-def load_weights(path: str, step: int | None = None) -> tuple[clip.CLIPConfig, dict, str | None]:
+def load_weights(
+    path: str, step: int | None = None, overrides: Any = None
+) -> tuple[clip.CLIPConfig, dict, str | None]:
     """(CLIPConfig, weights as nested float32 numpy, tokenizer file or None) of anything `load` reads.
 
     Scanned (stacked) blocks are split into ``block_i``; a ResNet tower's BatchNorm
-    statistics stay under the top-level ``batch_stats`` key.
+    statistics stay under the top-level ``batch_stats`` key. ``overrides``: see `files.load`.
     """
     if is_workdir(path):
         config, params, tokenizer = _from_workdir(path, step)
+        files.check_recorded(config, overrides_lib.coerce(overrides), os.path.join(path, "config.json"))
         return config, mapping.stack_free(params), tokenizer
-    config, params = files.load(path)
+    config, params = files.load(path, overrides)
     folder = path if storage.isdir(path) else os.path.dirname(path)
     tokenizer = None
     if storage.exists(os.path.join(folder, SENTENCEPIECE)):
@@ -167,20 +171,25 @@ def load(
     tokenizer: str | None = None,
     batch_size: int = 64,
     dtype: str = "float32",
+    overrides: Any = None,
 ) -> CLIPModel:
     """Loads a workdir, export or imported directory (see the module docstring) for inference.
 
     ``tokenizer``: a sentencepiece ``.model`` or a CLIP BPE ``vocab.json``, when none
     is found with the weights. ``step``: a workdir's checkpoint (default: the latest).
+    ``overrides``: what a bare OpenAI/open_clip state dict does not record, e.g.
+    ``dict(vision_heads=16, text_heads=16, activation="gelu")`` (`files.load`).
     """
-    config, params, found = load_weights(path, step)
+    config, params, found = load_weights(path, step, overrides)
     tokenizer = tokenizer or found
     tok = make_tokenizer(tokenizer, config.text.context_length) if tokenizer else None
     model = clip.CLIP(config, dtype=jnp.dtype(dtype))
     return CLIPModel(model, params, tok, path, batch_size)
 
 
-def matching_variables(path: str, params: Any, model_state: Any = None) -> tuple[dict, Any]:
+def matching_variables(
+    path: str, params: Any, model_state: Any = None, overrides: Any = None
+) -> tuple[dict, Any]:
     """(params, model_state): the weights at ``path`` in the layout of ``params`` and
     ``model_state`` (a model's trees or their abstract shapes), for ``config.train.init_from``.
 
@@ -188,8 +197,9 @@ def matching_variables(path: str, params: Any, model_state: Any = None) -> tuple
     CLIP), which keeps the reference's. A ResNet tower's ``batch_stats`` (in
     ``model_state``) come from the file too: fine-tuning an imported RN50 keeps its
     BatchNorm statistics. Raises ValueError naming what is missing, extra or mis-shaped.
+    ``overrides``: ``config.train.init_from_overrides`` (`files.load`).
     """
-    _, weights, _ = load_weights(path)
+    _, weights, _ = load_weights(path, overrides=overrides)
     stats = weights.pop(openai_resnet.BATCH_STATS, None)
     params = _matching(path, weights, params, optional={"logit_bias"})
     if model_state and openai_resnet.BATCH_STATS in model_state:

@@ -237,6 +237,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "--tokenizer", help="sentencepiece .model or CLIP vocab.json, if not beside the weights"
     )
     common.add_argument("--batch_size", type=int, default=64)
+    common.add_argument("--weights_overrides", help="heads/activation a bare state dict lacks (as export)")
     c = commands.add_parser("classify", parents=[common], help="zero-shot top-k per image")
     c.add_argument("inputs", nargs="+", help="image files, folders, *.array_record shards")
     c.add_argument("--labels", help="comma-separated class names")
@@ -263,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(sys.argv[1:] if argv is None else argv)
     from clip_jax import inference
 
-    model = inference.load(args.model, tokenizer=args.tokenizer, batch_size=args.batch_size)
+    model = inference.load(
+        args.model, tokenizer=args.tokenizer, batch_size=args.batch_size, overrides=args.weights_overrides
+    )
     return {"classify": classify, "index": index, "search": search}[args.command](args, model)
 
 

@@ -321,8 +321,9 @@ def initial_state(r: Run, tx, checkpoints, abstract, shardings, batches) -> Trai
     if r.config.train.init_from:
         from clip_jax import inference  # here: it imports train for workdirs
 
+        overrides = r.config.train.get("init_from_overrides")
         params, model_state = inference.matching_variables(
-            r.config.train.init_from, state.params, state.model_state
+            r.config.train.init_from, state.params, state.model_state, overrides
         )
         fresh = lambda p, m: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), m)
         state = jax.jit(fresh, out_shardings=shardings)(params, model_state)

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from clip_jax import cli, losses, sharding, storage
 from clip_jax.data import pipeline, records
+from clip_jax.interop import overrides
 from clip_jax.models import clip, layers
 
 
@@ -86,6 +87,10 @@ def check_finetune(config: ml_collections.ConfigDict) -> None:
         f"config.train.init_from={init_from!r} does not exist (a clip_jax workdir, a params "
         "export, an HF directory or an OpenAI/open_clip state dict)",
     )
+    try:
+        overrides.parse(config.train.get("init_from_overrides"))
+    except overrides.OverridesError as e:
+        raise ConfigError(f"config.train.init_from_overrides: {e}") from None
 
 
 def _check_range(field: str, value, low: float, high: float) -> None:

@@ -26,6 +26,7 @@ import safetensors.numpy
 
 from clip_jax import storage
 from clip_jax.interop import hf, mapping, openai
+from clip_jax.interop import overrides as overrides_lib
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.resnet import ResNetConfig
 from clip_jax.models.text import TextConfig
@@ -34,6 +35,7 @@ from clip_jax.models.vit import VisionConfig
 FORMATS = ("hf", "open_clip", "params")
 HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+OPEN_CLIP_FILES = (OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.bin")  # open_clip's hub repositories
 PARAMS_WEIGHTS, PARAMS_CONFIG = "params.safetensors", "clip_config.json"
 
 Progress = Callable[[Iterable], Iterable]  # e.g. tqdm.tqdm; wraps the per-tensor loop
@@ -155,32 +157,53 @@ def special_ids(path: str) -> tuple[int, int] | None:
     return None
 
 
-def load(path: str, **openai_options: Any) -> tuple[CLIPConfig, dict]:
+def load(path: str, overrides: Any = None, **fields: Any) -> tuple[CLIPConfig, dict]:
     """(CLIPConfig, params as nested float32 numpy) from an export directory or a weights file.
 
     ``path``: an HF directory (``config.json`` + ``model.safetensors``), a ``params``
     directory, or an OpenAI/open_clip state dict (directory holding
-    ``open_clip_model.safetensors``, or the file: ``.safetensors``/``.pt``/``.bin``).
-    ``openai_options`` (vision_heads, text_heads, activation) go to `openai.clip_config`.
+    ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``, or the file:
+    ``.safetensors``/``.pt``/``.bin``; ``open_clip_config.json`` beside it is read).
+    ``overrides`` (`overrides.Overrides`, a dict, or the flag text) and ``fields``
+    (vision_heads, text_heads, activation, open_clip_model): what a bare state dict does
+    not record (`openai.clip_config`); for configured weights they must agree with it.
     """
+    given = overrides_lib.coerce(overrides, **fields)
     if storage.isdir(path):
         if storage.exists(os.path.join(path, PARAMS_CONFIG)):
             config = config_from_dict(storage.read_json(os.path.join(path, PARAMS_CONFIG))["config"])
+            check_recorded(config, given, os.path.join(path, PARAMS_CONFIG))
             flat = _read_safetensors(os.path.join(path, PARAMS_WEIGHTS))
             return config, mapping.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
         if storage.exists(os.path.join(path, HF_CONFIG)):
             config = hf.clip_config(storage.read_json(os.path.join(path, HF_CONFIG)))
+            check_recorded(config, given, os.path.join(path, HF_CONFIG))
             tensors = read_tensors(os.path.join(path, HF_WEIGHTS))
             maps = hf.tensor_maps(config)
             if extra := _unexpected(tensors, maps, hf.IGNORED):
                 raise ValueError(f"{path}: tensors clip_jax has no place for: {extra[:5]}")
             return config, mapping.from_external(tensors, maps)
-        path = os.path.join(path, OPEN_CLIP_WEIGHTS)
+        names = [n for n in OPEN_CLIP_FILES if storage.exists(os.path.join(path, n))]
+        path = os.path.join(path, names[0] if names else OPEN_CLIP_WEIGHTS)
     tensors = read_tensors(path)
     if "visual.conv1.weight" not in tensors:
         raise ValueError(f"{path}: not an OpenAI/open_clip state dict (no visual.conv1.weight)")
-    config = openai.clip_config(tensors, **openai_options)
+    config = openai.clip_config(tensors, os.path.dirname(path), given)
     maps = openai.tensor_maps(config, "logit_bias" in tensors)
     if extra := _unexpected(tensors, maps, openai.IGNORED):
         raise ValueError(f"{path}: tensors clip_jax has no place for: {extra[:5]}")
     return config, mapping.from_external(tensors, maps)
+
+
+def check_recorded(config: CLIPConfig, given: overrides_lib.Overrides, source: str) -> None:
+    """Overrides for weights that record their config must say what it says."""
+    if given.open_clip_model:
+        raise overrides_lib.OverridesError(f"{source} records the model; drop open_clip_model")
+    recorded = {"vision_heads": [config.vision.heads], "text_heads": [config.text.heads]}
+    recorded["activation"] = [config.text.activation] + [getattr(config.vision, "activation", None)]
+    for name, value in given.given().items():
+        if any(r is not None and r != value for r in recorded[name]):
+            raise overrides_lib.OverridesError(
+                f"{source} records {name}={recorded[name][0]!r}, the overrides say {value!r}: "
+                "drop the override"
+            )

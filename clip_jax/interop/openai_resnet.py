@@ -89,7 +89,7 @@ def visual_maps(config: ResNetConfig) -> list[TensorMap]:
     return maps
 
 
-def _stage_depth(tensors: Mapping[str, np.ndarray], stage: int) -> int:
+def stage_depth(tensors: Mapping[str, np.ndarray], stage: int) -> int:
     pattern = re.compile(rf"^visual\.layer{stage}\.(\d+)\.")
     found = {int(m.group(1)) for k in tensors if (m := pattern.match(k))}
     return max(found) + 1 if found else 0
@@ -102,5 +102,5 @@ def vision_config(tensors: Mapping[str, np.ndarray], heads: int | None = None) -
     """
     width = tensors["visual.layer1.0.conv1.weight"].shape[0]
     grid = round((tensors["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-    layers = tuple(_stage_depth(tensors, s) for s in (1, 2, 3, 4))
+    layers = tuple(stage_depth(tensors, s) for s in (1, 2, 3, 4))
     return ResNetConfig(layers, width, grid * 32, heads or width * 32 // resnet.HEAD_WIDTH)

@@ -152,14 +152,16 @@ def test_open_clip_config_gives_heads_and_activation(exported, reference):
     assert_matches(model, reference)
 
 
-def test_bare_state_dict_is_refused_then_loads_with_overrides(exported, reference):
+def test_bare_state_dict_is_refused_then_loads_with_overrides(exported, reference, tmp_path):
     with pytest.raises(overrides.OverridesError, match=r"vision_heads=N,text_heads=N,activation=gelu") as e:
         clip_jax.load(exported["bare"])
     assert "--weights_overrides" in str(e.value) and "overrides=dict(" in str(e.value)
     assert_matches(clip_jax.load(exported["bare"], overrides=RIGHT), reference)
-    # The flag's text and an open_clip model name say the same.
-    config, _ = files.load(exported["bare"], "vision_heads=4,text_heads=2,activation=gelu")
+    # The flag's text says the same; clip_jax's open_clip export records it for the next import.
+    config, params = files.load(exported["bare"], "vision_heads=4,text_heads=2,activation=gelu")
     assert (config.vision.heads, config.text.heads, config.text.activation) == (4, 2, "gelu")
+    files.save(str(tmp_path / "again"), params, config, "open_clip", eos_id=VOCAB - 1, bos_id=VOCAB - 2)
+    assert files.load(str(tmp_path / "again"))[0] == config
 
 
 def test_hf_directory_honours_its_config(exported, reference):
@@ -318,7 +320,7 @@ def test_openai_vit_loads_without_overrides_and_others_are_refused():
     h14_shapes = openai_vit_shapes(1024, 224, 14, 1280, 32, 1024, 24)
     for shapes in (h14_shapes, openai_vit_shapes(1024, 224, 14, 1408, 40, 1024)):
         assert openai.openai_model(shapes) is None
-        with pytest.raises(overrides.OverridesError, match="vision_heads and text_heads and activation"):
+        with pytest.raises(overrides.OverridesError, match="vision_heads, text_heads, activation"):
             openai.clip_config(abstract(shapes))
     h14 = openai.clip_config(abstract(h14_shapes), given=overrides.Overrides(open_clip_model="ViT-H-14"))
     assert (h14.vision.heads, h14.text.heads, h14.vision.activation) == (16, 16, "gelu")

@@ -251,7 +251,10 @@ def test_import_openai_resnet_matches_torch_reference(name, tmp_path):
     state.update({f"visual.{k}": v for k, v in reference.state_dict().items()})  # incl. num_batches_tracked
     torch.save({k: torch.tensor(np.asarray(v)) for k, v in state.items()}, tmp_path / "openai.pt")
     loaded_config, weights = files.load(
-        str(tmp_path / "openai.pt"), vision_heads=config.vision.heads, text_heads=config.text.heads
+        str(tmp_path / "openai.pt"),
+        vision_heads=config.vision.heads,
+        text_heads=config.text.heads,
+        activation=config.text.activation,
     )
     assert loaded_config == config
     images = images_for(config)

@@ -3,7 +3,8 @@
 Formats (all float32 safetensors):
 
 - ``hf``: a transformers ``CLIPModel`` directory, ``config.json`` + ``model.safetensors``.
-- ``open_clip``: ``open_clip_model.safetensors``, OpenAI's state-dict names.
+- ``open_clip``: ``open_clip_model.safetensors``, OpenAI's state-dict names, and open_clip's
+  ``open_clip_config.json`` (heads and activation, which the tensors do not record).
 - ``params``: ``params.safetensors`` with clip_jax's own '/'-joined parameter paths,
   and ``clip_config.json`` (the `CLIPConfig`), for inference with clip_jax.
 
@@ -25,7 +26,7 @@ import numpy as np
 import safetensors.numpy
 
 from clip_jax import storage
-from clip_jax.interop import hf, mapping, openai
+from clip_jax.interop import hf, mapping, open_clip, openai
 from clip_jax.interop import overrides as overrides_lib
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.resnet import ResNetConfig
@@ -96,6 +97,8 @@ def save(
         _write_safetensors(tensors, path, "pt")  # transformers insists on "pt"
     elif fmt == "open_clip":
         path = os.path.join(out, OPEN_CLIP_WEIGHTS)
+        if (model_cfg := open_clip.model_cfg(config)) is not None:  # heads, activation: see openai.py
+            storage.write_json(os.path.join(out, open_clip.CONFIG_FILE), {"model_cfg": model_cfg})
         _write_safetensors(tensors, path, "pt")
     else:
         path = os.path.join(out, PARAMS_WEIGHTS)

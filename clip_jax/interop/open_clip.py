@@ -23,6 +23,8 @@ from typing import Any
 
 from clip_jax import storage
 from clip_jax.interop.overrides import Overrides, OverridesError
+from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.vit import VisionConfig
 
 CONFIG_FILE = "open_clip_config.json"
 MAX_CONFIG_BYTES = 1 << 20
@@ -155,3 +157,24 @@ def check_shapes(model_cfg: Mapping[str, Any], found: Mapping[str, Any], source:
     for name, value in stated.items():
         if value is not None and name in found and found[name] != value:
             raise OverridesError(f"{source} says {name}={value}, the weights have {found[name]}")
+
+
+def model_cfg(config: CLIPConfig) -> dict[str, Any] | None:
+    """open_clip's ``model_cfg`` for ``config``, written beside an open_clip export so that it
+    re-imports without overrides; None when the two transformers' activations differ (open_clip
+    has one switch for both)."""
+    v, t = config.vision, config.text
+    activations = {t.activation} | ({v.activation} if isinstance(v, VisionConfig) else set())
+    if len(activations) > 1:
+        return None
+    if isinstance(v, VisionConfig):
+        vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
+                  "patch_size": v.patch_size, "head_width": v.width // v.heads,
+                  "mlp_ratio": v.mlp_ratio}  # fmt: skip
+    else:
+        vision = {"image_size": v.image_size, "layers": list(v.layers), "width": v.width,
+                  "head_width": v.width * 32 // v.heads}  # fmt: skip
+    text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+            "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio}  # fmt: skip
+    return {"embed_dim": config.embed_dim, "quick_gelu": t.activation == "quick_gelu",
+            "vision_cfg": vision, "text_cfg": text}  # fmt: skip

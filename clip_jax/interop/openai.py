@@ -259,12 +259,13 @@ def _openai_facts(tensors: Mapping[str, np.ndarray]) -> Overrides:
 
 
 def _undetermined(sizes: dict, missing: list[str]) -> str:
-    example = {"vision_heads": "N", "text_heads": "N", "activation": "gelu"}
-    pairs = ",".join(f"{f}={example[f]}" for f in missing)
+    python = {"vision_heads": "N", "text_heads": "N", "activation": "'gelu'"}
+    flag = {"vision_heads": "N", "text_heads": "N", "activation": "gelu"}
     return (
-        f"the weights do not record {' and '.join(missing)} (vision width {sizes['vision.width']}, "
+        f"the weights do not record {', '.join(missing)} (vision width {sizes['vision.width']}, "
         f"text width {sizes['text.width']}; not one of OpenAI's models, so heads = width // 64 and "
-        f"QuickGELU would be a guess): keep open_clip_config.json beside the weights, or pass "
-        f"overrides=dict({', '.join(f'{f}={example[f]!r}' for f in missing)}) / "
-        f"--weights_overrides={pairs} (or open_clip_model=NAME, e.g. ViT-H-14)"
+        "QuickGELU would be a guess): keep open_clip_config.json beside the weights, or pass "
+        f"overrides=dict({', '.join(f'{f}={python[f]}' for f in missing)}) / "
+        f"--weights_overrides={','.join(f'{f}={flag[f]}' for f in missing)} "
+        "(or open_clip_model=NAME, e.g. ViT-H-14)"
     )

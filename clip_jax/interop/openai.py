@@ -207,17 +207,17 @@ def _sizes(config: CLIPConfig) -> dict[str, object]:
 
 def _shipped(tensors: Mapping, folder: str | None, given: Overrides, sizes: dict) -> Overrides:
     """What open_clip_config.json in ``folder`` and ``given.open_clip_model`` say, then ``given``."""
-    known, resnet = Overrides(), openai_resnet.is_resnet(tensors)
+    known, resnet, source = Overrides(), openai_resnet.is_resnet(tensors), None
     if folder is not None and (shipped := open_clip.read_config(folder)):
-        path, model_cfg = shipped
-        open_clip.check_shapes(model_cfg, sizes, path)
-        known = open_clip.facts(model_cfg, resnet, path)
+        source, model_cfg = shipped
+        open_clip.check_shapes(model_cfg, sizes, source)
+        known = open_clip.facts(model_cfg, resnet, source)
     if name := given.open_clip_model:
         named = open_clip.named_config(name)
         open_clip.check_shapes(named, sizes, f"open_clip_model={name!r}")
-        named_facts = open_clip.facts(named, resnet, f"open_clip_model={name!r}")
-        known = overrides.merge(known, named_facts, "open_clip_config.json")
-    return overrides.merge(known, dataclasses.replace(given, open_clip_model=None), "the shipped config")
+        known = overrides.merge(known, open_clip.facts(named, resnet, f"open_clip_model={name!r}"), source)
+        source = source or f"open_clip_model={name!r}"
+    return overrides.merge(known, dataclasses.replace(given, open_clip_model=None), source)
 
 
 def clip_config(

@@ -187,7 +187,8 @@ def test_overrides_that_contradict_the_shipped_config_are_errors(exported):
 def test_unsupported_open_clip_fields_are_refused(exported, tmp_path):
     os.symlink(os.path.join(exported["bare"], files.OPEN_CLIP_WEIGHTS), tmp_path / files.OPEN_CLIP_WEIGHTS)
     for section, field, value in (("text_cfg", "pool_type", "last"), ("vision_cfg", "ls_init_value", 0.1),
-                                  ("vision_cfg", "some_new_switch", True)):  # fmt: skip
+                                  ("vision_cfg", "some_new_switch", True), ("vision_cfg", "head_width", "80"),
+                                  ("text_cfg", "heads", 0)):  # fmt: skip
         cfg = json.loads(json.dumps(OPEN_CLIP_CONFIG))
         cfg["model_cfg"][section][field] = value
         (tmp_path / open_clip.CONFIG_FILE).write_text(json.dumps(cfg))

@@ -105,15 +105,21 @@ def facts(model_cfg: Mapping[str, Any], resnet: bool, source: str) -> Overrides:
     _check_fields("text", text, source)
     if "timm_model_name" in vision or "hf_model_name" in text:
         raise OverridesError(f"{source}: a timm or HF tower, not open_clip's CLIP; clip_jax cannot run it")
-    head_width = vision.get("head_width", HEAD_WIDTH)
-    width = vision.get("width", 768) * (32 if resnet else 1)
+    head_width = _positive_int(vision.get("head_width", HEAD_WIDTH), "vision_cfg.head_width", source)
+    width = _positive_int(vision.get("width", 768), "vision_cfg.width", source) * (32 if resnet else 1)
     if width % head_width:
         raise OverridesError(f"{source}: vision width {width} is not a multiple of head_width {head_width}")
     return Overrides(
         vision_heads=width // head_width,
-        text_heads=text.get("heads", TEXT_HEADS),
+        text_heads=_positive_int(text.get("heads", TEXT_HEADS), "text_cfg.heads", source),
         activation="quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
     )
+
+
+def _positive_int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OverridesError(f"{source}: {name}={value!r} must be a positive integer")
+    return value
 
 
 def named_config(name: str) -> dict[str, Any]:

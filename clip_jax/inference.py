@@ -199,7 +199,12 @@ def matching_variables(
     BatchNorm statistics. Raises ValueError naming what is missing, extra or mis-shaped.
     ``overrides``: ``config.train.init_from_overrides`` (`files.load`).
     """
-    _, weights, _ = load_weights(path, overrides=overrides)
+    try:
+        _, weights, _ = load_weights(path, overrides=overrides)
+    except overrides_lib.OverridesError as e:  # name the config field, not the command-line flag
+        raise overrides_lib.OverridesError(
+            f"config.train.init_from={path!r}: {e}; in a config: config.train.init_from_overrides"
+        ) from None
     stats = weights.pop(openai_resnet.BATCH_STATS, None)
     params = _matching(path, weights, params, optional={"logit_bias"})
     if model_state and openai_resnet.BATCH_STATS in model_state:

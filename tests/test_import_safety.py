@@ -199,7 +199,7 @@ def test_unsupported_open_clip_fields_are_refused(exported, tmp_path):
 def test_init_from_takes_the_same_overrides(exported):
     config, params = files.load(exported["bare"], **RIGHT)
     shapes = nn.meta.unbox(jax.eval_shape(lambda: CLIP(config).init(jax.random.key(0), *dummy(config))))
-    with pytest.raises(overrides.OverridesError, match="vision_heads"):
+    with pytest.raises(overrides.OverridesError, match="vision_heads.*config.train.init_from_overrides"):
         inference.matching_variables(exported["bare"], shapes["params"])
     flag = "vision_heads=4,text_heads=2,activation=gelu"  # config.train.init_from_overrides
     loaded, _ = inference.matching_variables(exported["bare"], shapes["params"], overrides=flag)

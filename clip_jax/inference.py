@@ -42,8 +42,12 @@ def is_workdir(path: str) -> bool:
     )
 
 
-def load_weights(path: str, step: int | None = None) -> tuple[clip.CLIPConfig, dict, str | None]:
+def load_weights(
+    path: str, step: int | None = None, allow_code: bool = False
+) -> tuple[clip.CLIPConfig, dict, str | None]:
     """(CLIPConfig, weights as nested float32 numpy, tokenizer file or None) of anything `load` reads.
+
+    ``allow_code``: let a TorchScript archive run its own code (see `files.read_tensors`).
 
     Scanned (stacked) blocks are split into ``block_i``; a ResNet tower's BatchNorm
     statistics stay under the top-level ``batch_stats`` key.
@@ -51,7 +55,7 @@ def load_weights(path: str, step: int | None = None) -> tuple[clip.CLIPConfig, d
     if is_workdir(path):
         config, params, tokenizer = _from_workdir(path, step)
         return config, mapping.stack_free(params), tokenizer
-    config, params = files.load(path)
+    config, params = files.load(path, allow_code)
     folder = path if storage.isdir(path) else os.path.dirname(path)
     tokenizer = None
     if storage.exists(os.path.join(folder, SENTENCEPIECE)):
@@ -78,6 +82,16 @@ def make_tokenizer(path: str, context_length: int) -> Callable[[Sequence[str]], 
     from clip_jax.data.tokenizer import Tokenizer
 
     return Tokenizer(path, context_length)
+
+
+def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer: str) -> None:
+    """Refuses a tokenizer with ids the model has no embedding for: such an id would read past
+    the token table (NaN or garbage text embeddings), not fail."""
+    if tokenizer_vocab > model_vocab:
+        raise ValueError(
+            f"tokenizer {tokenizer} has {tokenizer_vocab} tokens but the model's vocabulary is "
+            f"{model_vocab}: ids >= {model_vocab} have no embedding; use the model's own tokenizer"
+        )
 
 
 def read_image(item: Any) -> Image.Image:
@@ -167,15 +181,20 @@ def load(
     tokenizer: str | None = None,
     batch_size: int = 64,
     dtype: str = "float32",
+    allow_code: bool = False,
 ) -> CLIPModel:
     """Loads a workdir, export or imported directory (see the module docstring) for inference.
 
     ``tokenizer``: a sentencepiece ``.model`` or a CLIP BPE ``vocab.json``, when none
     is found with the weights. ``step``: a workdir's checkpoint (default: the latest).
+    ``allow_code``: see `load_weights`. Raises ValueError for a tokenizer whose ids
+    do not fit the model's vocabulary.
     """
-    config, params, found = load_weights(path, step)
+    config, params, found = load_weights(path, step, allow_code)
     tokenizer = tokenizer or found
     tok = make_tokenizer(tokenizer, config.text.context_length) if tokenizer else None
+    if tok is not None:
+        check_vocab(tok.vocab_size, config.text.vocab_size, tokenizer)
     model = clip.CLIP(config, dtype=jnp.dtype(dtype))
     return CLIPModel(model, params, tok, path, batch_size)
 

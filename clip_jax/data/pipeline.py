@@ -69,7 +69,7 @@ class DecodeExample:
     def __call__(self, element: bytes | dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
         record = element if isinstance(element, dict) else _unpack(element)
         if record.get("bad"):  # a reader marked it (e.g. a tar member cut short)
-            raise skips.BadRecord(record["bad"], record.get("key", ""))
+            raise skips.BadRecord(record["bad"], record.get("detail") or record.get("key", ""))
         caption = skips.caption_text(record.get("caption"))
         img = transforms.decode_image(record.get("image") or b"", self.max_pixels)
         if self.crop is None or rng is None:

@@ -6,15 +6,21 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
 from typing import Tuple  # noqa: UP035 (TorchScript needs typing.Tuple)
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
+import clip_jax
+from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.interop import files, torchscript
+from clip_jax.models import clip
 
 torch = pytest.importorskip("torch")
 
@@ -157,3 +163,17 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(torchscript.UntrustedCode, match="weights-only"):
         files.read_tensors(str(path))
     assert not os.path.exists(MARK_FILE)
+
+
+def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused(tmp_path, scenes_dataset):
+    tok = Tokenizer(scenes_dataset.tokenizer, 16)
+    small = tok.vocab_size - 8
+    config = clip.get_variant("tiny", vocab_size=small)
+    shapes = jax.eval_shape(lambda: clip.CLIP(config).init(jax.random.key(0), *clip.dummy_inputs(config)))
+    params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), nn.meta.unbox(shapes["params"]))
+    files.save(str(tmp_path / "m"), params, config, "params", eos_id=3, bos_id=2)
+    with pytest.raises(ValueError, match=f"{tok.vocab_size} tokens but the model's vocabulary is {small}"):
+        clip_jax.load(str(tmp_path / "m"), tokenizer=scenes_dataset.tokenizer)
+    shutil.copy(scenes_dataset.tokenizer, tmp_path / "m" / "tokenizer.model")  # found beside the weights
+    with pytest.raises(ValueError, match="use the model's own tokenizer"):
+        clip_jax.load(str(tmp_path / "m"))

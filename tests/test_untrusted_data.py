@@ -110,6 +110,9 @@ def test_the_member_limit_is_configurable(tmp_path):
         add(tar, "a.txt", b"a red square")
     samples = list(webdataset.iter_tar_file(str(path), max_member_bytes=len(png()) - 1))
     assert [s["bad"] for s in samples] == ["too_large"] and "a.png" in samples[0]["detail"]
+    one = dict(num_epochs=1, process_index=0, process_count=1)
+    ds = webdataset.TarShards([str(path)], 0, max_member_bytes=9, **one)
+    assert [s["bad"] for s in ds] == ["too_large"]  # the training reader
     task = convert.webdataset_tasks([str(path)], str(tmp_path / "out"), "x", max_bytes=len(png()) - 1)[0]
     assert convert.run_task(task, convert.Options(size=8))["skipped"] == {"too_large": 1}
 

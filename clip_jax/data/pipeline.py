@@ -264,7 +264,10 @@ def from_config(
     if data_config.format == "webdataset":
         from clip_jax.data import webdataset  # imports this module
 
-        return webdataset.train_iterator(files, shuffle_buffer=data_config.shuffle_buffer, **common)
+        limit = data_config.get("max_member_bytes")
+        return webdataset.train_iterator(
+            files, shuffle_buffer=data_config.shuffle_buffer, max_member_bytes=limit, **common
+        )
     if data_config.format == "tfds":
         from clip_jax.data import tfds_source  # imports this module
 

@@ -133,8 +133,10 @@ class TarShards(grain.IterDataset):
         num_epochs: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        max_member_bytes: int | None = None,
     ):
         super().__init__()
+        self._max_member_bytes = max_member_bytes or bounded.MAX_MEMBER_BYTES
         index = jax.process_index() if process_index is None else process_index
         count = jax.process_count() if process_count is None else process_count
         if len(shards) < count:
@@ -166,7 +168,7 @@ class TarShards(grain.IterDataset):
         rng = np.random.default_rng([self._seed, epoch, self._ids[0] if self._ids else 0])
         buffer: list[dict] = []
         for shard in rng.permutation(self._ids):
-            for n, sample in enumerate(iter_tar_file(self._all[shard])):
+            for n, sample in enumerate(iter_tar_file(self._all[shard], self._max_member_bytes)):
                 sample["rng_seed"] = [self._seed, epoch, int(shard), n]
                 if len(buffer) < self._buffer:
                     buffer.append(sample)
@@ -272,11 +274,13 @@ def train_iterator(
     counter: skips.SkipCounter | None = None,
     stall_timeout_s: float | None = 600.0,
     num_epochs: int | None = None,
+    max_member_bytes: int | None = None,
 ) -> grain.DatasetIterator:
-    """Host-local training batches read straight from tar shards (see `pipeline.train_iterator`)."""
+    """Host-local training batches read straight from tar shards (see `pipeline.train_iterator`);
+    a member over ``max_member_bytes`` (default `bounded.MAX_MEMBER_BYTES`) is a ``too_large`` skip."""
     decode = pipeline.DecodeExample(tokenizer, image_size, crop)
     ds = (
-        TarShards(shards, seed, shuffle_buffer, num_epochs)
+        TarShards(shards, seed, shuffle_buffer, num_epochs, max_member_bytes=max_member_bytes)
         .pipe(DecodeSkipBad, decode)
         .batch(local_batch_size, drop_remainder=True)
     )

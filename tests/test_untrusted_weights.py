@@ -3,6 +3,7 @@ caller opts in (``allow_code``), torch pickles only with ``weights_only``."""
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import pickle
@@ -177,3 +178,19 @@ def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused(tmp_path, scen
     shutil.copy(scenes_dataset.tokenizer, tmp_path / "m" / "tokenizer.model")  # found beside the weights
     with pytest.raises(ValueError, match="use the model's own tokenizer"):
         clip_jax.load(str(tmp_path / "m"))
+
+
+class _Built:
+    """Pickles as BUILD on a function the unpickler allows: state set on a non-module object."""
+
+    def __reduce__(self):
+        return (collections.OrderedDict, (), {"__class__": "x"})
+
+
+def test_state_set_on_anything_but_a_module_record_is_refused(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(_Outer()), str(plain))
+    crafted = tmp_path / "crafted.pt"
+    _with_data_pkl(plain, crafted, pickle.dumps(_Built(), protocol=2))
+    with pytest.raises(torchscript.UntrustedCode, match="sets the state of a OrderedDict"):
+        torchscript.read_tensors(str(crafted), str(crafted))

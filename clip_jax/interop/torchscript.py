@@ -66,8 +66,11 @@ class _Storage:
         self.dtype = np.dtype(_STORAGE_DTYPES[name])
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves only the names a weights-only TorchScript ``data.pkl`` uses; anything else is refused."""
+class _Unpickler(pickle._Unpickler):  # the Python one: its BUILD can be restricted
+    """Resolves only the names a weights-only TorchScript ``data.pkl`` uses; anything else is refused.
+    BUILD (set an object's state) is allowed on module records only."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: BinaryIO, zf: zipfile.ZipFile, prefix: str, path: str):
         super().__init__(file)
@@ -86,6 +89,13 @@ class _Unpickler(pickle.Unpickler):
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         raise UntrustedCode(f"{self._path}: data.pkl refers to {module}.{name}; to {OPT_IN}")
+
+    def _load_build(self) -> None:
+        if not isinstance(self.stack[-2], _Module):
+            raise UntrustedCode(f"{self._path}: data.pkl sets the state of a {type(self.stack[-2]).__name__}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def persistent_load(self, pid: Any) -> np.ndarray:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):

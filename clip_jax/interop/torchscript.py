@@ -25,6 +25,8 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from clip_jax import cli
+
 OPT_IN = "run its code only if you trust its author: allow_code=True (export: --trust_weights_code)"
 
 _STORAGE_DTYPES = {
@@ -43,7 +45,7 @@ _CLASS = re.compile(r"^class (\w+)\(Module\):\n((?:[ \t]+.*\n|\n)*)", re.M)
 _NAMES = re.compile(r"^\s+__(parameters|buffers)__ = \[([^\]]*)\]", re.M)
 
 
-class UntrustedCode(ValueError):
+class UntrustedCode(cli.UserError, ValueError):
     """The archive needs its own code to be read; loading it that way needs the opt-in."""
 
 

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from clip_jax import storage
-from clip_jax.data import transforms
+from clip_jax import cli, storage
+from clip_jax.data import bounded, transforms
 from clip_jax.interop import files, mapping, openai_resnet
 from clip_jax.models import clip
 
@@ -84,22 +84,27 @@ def make_tokenizer(path: str, context_length: int) -> Callable[[Sequence[str]], 
     return Tokenizer(path, context_length)
 
 
+class VocabularyMismatch(cli.UserError, ValueError):
+    """A tokenizer with ids the model has no embedding for."""
+
+
 def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer: str) -> None:
     """Refuses a tokenizer with ids the model has no embedding for: such an id would read past
     the token table (NaN or garbage text embeddings), not fail."""
     if tokenizer_vocab > model_vocab:
-        raise ValueError(
+        raise VocabularyMismatch(
             f"tokenizer {tokenizer} has {tokenizer_vocab} tokens but the model's vocabulary is "
             f"{model_vocab}: ids >= {model_vocab} have no embedding; use the model's own tokenizer"
         )
 
 
 def read_image(item: Any) -> Image.Image:
-    """A path, encoded bytes or a PIL image -> RGB PIL image. Raises OSError / `BadRecord`."""
+    """A path, encoded bytes or a PIL image -> RGB PIL image. Raises OSError / `BadRecord`
+    (a path is read only when it is a regular file of at most `bounded.MAX_MEMBER_BYTES`)."""
     if isinstance(item, Image.Image):
         return transforms.to_rgb(item)
     if isinstance(item, str | os.PathLike):
-        item = storage.read_bytes(os.fspath(item))
+        item = bounded.read_bytes(os.fspath(item))
     return transforms.decode_image(item)
 
 

@@ -17,6 +17,7 @@ import threading
 import pytest
 from PIL import Image
 
+from clip_jax import inference
 from clip_jax.data import bounded, convert, webdataset
 
 CLAIMED = 1_500_000_000  # what the crafted members claim: 1.5 GB
@@ -205,3 +206,12 @@ def test_empty_shards_are_errors_naming_the_files(tmp_path, content):
     ds = webdataset.TarShards([str(path)], seed=0, num_epochs=1, process_index=0, process_count=1)
     with pytest.raises(bounded.BadShard, match=f"no samples: {path}"):
         list(ds)
+
+
+def test_inference_reads_only_bounded_regular_files(image_folder):
+    root, _ = image_folder
+    for path, reason in (("/dev/zero", "not_regular_file"), (str(root / "pipe.png"), "not_regular_file")):
+        read = lambda p=path: pytest.raises(bounded.skips.BadRecord, inference.read_image, p)  # noqa: E731
+        result = run_with_guard(read)
+        assert result.value.reason == reason and path in str(result.value)
+    assert inference.read_image(str(root / "ok.png")).size == (8, 8)

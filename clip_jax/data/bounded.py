@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 
-from clip_jax import cli
+from clip_jax import cli, storage
 from clip_jax.data import skips
 
 MAX_MEMBER_BYTES = 64 * 2**20  # an image, caption or metadata member larger than this is skipped
@@ -80,3 +80,13 @@ def read_file(path: str, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
     if len(data) > max_bytes:
         raise skips.BadRecord("too_large", f"{path}: over {max_bytes} bytes")
     return data
+
+
+def read_bytes(path: str, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
+    """`read_file` for a local path; a ``gs://`` object is read whole only when its listed size
+    is at most ``max_bytes`` (``too_large`` otherwise)."""
+    if not storage.is_remote(path):
+        return read_file(path, max_bytes)
+    if (size := storage.size(path)) > max_bytes:
+        raise skips.BadRecord("too_large", f"{path}: {size} bytes > {max_bytes}")
+    return storage.read_bytes(path)

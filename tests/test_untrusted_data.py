@@ -215,3 +215,11 @@ def test_inference_reads_only_bounded_regular_files(image_folder):
         result = run_with_guard(read)
         assert result.value.reason == reason and path in str(result.value)
     assert inference.read_image(str(root / "ok.png")).size == (8, 8)
+
+
+def test_a_shard_that_is_not_a_regular_file_is_an_error(tmp_path):
+    os.mkfifo(tmp_path / "fifo.tar")
+    for path in (str(tmp_path / "fifo.tar"), "/dev/zero"):
+        read = lambda p=path: pytest.raises(bounded.BadShard, list, webdataset.iter_tar_file(p))  # noqa: E731
+        result = run_with_guard(read)
+        assert "not a regular file" in str(result.value) and path in str(result.value)

@@ -117,7 +117,10 @@ def iter_tar(
 
 
 def iter_tar_file(path: str, max_member_bytes: int = bounded.MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
-    """`iter_tar` of a local or ``gs://`` file, errors naming ``path``."""
+    """`iter_tar` of a local or ``gs://`` file, errors naming ``path``; a local path must be a
+    regular file (a FIFO would block the reader, ``/dev/zero`` never end)."""
+    if not storage.is_remote(path) and os.path.exists(path) and not os.path.isfile(path):
+        raise bounded.BadShard(f"{path}: not a regular file; a shard must be a plain .tar file")
     with storage.open_file(path, "rb") as f:  # local, or streamed from gs://
         yield from iter_tar(f, path, max_member_bytes)
 

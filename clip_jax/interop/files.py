@@ -124,7 +124,8 @@ def read_tensors(path: str, allow_code: bool = False) -> dict[str, np.ndarray]:
     No code from the file runs: a pickle is read with ``weights_only=True``, a
     TorchScript archive (OpenAI's original downloads) by `torchscript.read_tensors`.
     ``allow_code=True`` lets ``torch.jit.load`` run an archive that only its own code
-    can read (its modules' ``__setstate__``): for files whose author you trust.
+    can read (its modules' ``__setstate__``), and unpickles any object in a torch
+    pickle: for files whose author you trust.
     """
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
@@ -145,11 +146,12 @@ def read_tensors(path: str, allow_code: bool = False) -> dict[str, np.ndarray]:
     if scripted and allow_code:
         state = torch.jit.load(source, map_location="cpu").state_dict()
     else:
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
+        try:  # allow_code: a pickle of arbitrary objects, as torch.load(weights_only=False)
+            state = torch.load(source, map_location="cpu", weights_only=not allow_code)
         except pickle.UnpicklingError as e:
+            reason = str(e).splitlines()[0][:160]
             raise torchscript.UntrustedCode(
-                f"{path}: not a weights-only torch file ({str(e).splitlines()[0][:200]})"
+                f"{path}: not a weights-only torch file ({reason}); to {torchscript.OPT_IN}"
             ) from None
     if isinstance(state, dict) and "state_dict" in state:  # open_clip's training checkpoints
         state = state["state_dict"]

@@ -50,6 +50,7 @@ def base_config() -> ConfigDict:
             "caption_template": "a photo of a {}.",
             "shuffle_seed": 0,
             "shuffle_buffer": 1000,  # webdataset only: samples held for shuffling
+            "max_member_bytes": 64 * 2**20,  # webdataset only: a larger tar member is a counted skip
             "num_workers": 0,  # Grain worker processes for decoding (0: threads only)
             # Training augmentation: random-resized crop (area share, aspect ratio); else centre crop.
             "random_crop": True,

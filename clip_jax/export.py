@@ -38,6 +38,12 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
     flags.DEFINE_string("weights", None, "Instead of --workdir: existing weights to convert.")
     flags.DEFINE_string("weights_overrides", None, overrides.FLAG_HELP)
+    flags.DEFINE_bool(
+        "trust_weights_code",
+        False,
+        "Let a TorchScript --weights archive run its own code on load (only for files whose author you "
+        "trust); without it, only tensors are read and an archive that needs its code is refused.",
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
     flags.DEFINE_enum("format", "hf", files.FORMATS, "Output layout.")
     flags.DEFINE_string("out", None, "Output directory.")
@@ -107,10 +113,11 @@ def from_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
     }
 
 
-def from_weights(path: str, weights_overrides: Any = None) -> dict[str, Any]:
-    """Existing weights (any format `files.load` reads, with its ``overrides``), with the special
-    ids they record; an OpenAI/open_clip state dict records none: OpenAI's BPE has EOS = vocab - 1."""
-    config, params = files.load(path, weights_overrides)
+def from_weights(path: str, weights_overrides: Any = None, allow_code: bool = False) -> dict[str, Any]:
+    """Existing weights (any format `files.load` reads, with its ``overrides`` and ``allow_code``), with
+    the special ids they record; an OpenAI/open_clip state dict records none: OpenAI's BPE has EOS =
+    vocab - 1."""
+    config, params = files.load(path, weights_overrides, allow_code=allow_code)
     eos_id, bos_id = files.special_ids(path) or (config.text.vocab_size - 1, config.text.vocab_size - 2)
     return {"config": config, "params": params, "step": None, "eos_id": eos_id, "bos_id": bos_id}
 
@@ -164,7 +171,9 @@ def main(argv):
     if FLAGS.workdir:
         source = from_workdir(FLAGS.workdir, FLAGS.step)
     else:
-        source = from_weights(FLAGS.weights, overrides.parse(FLAGS.weights_overrides))
+        source = from_weights(
+            FLAGS.weights, overrides.parse(FLAGS.weights_overrides), allow_code=FLAGS.trust_weights_code
+        )
     summary = export(source, FLAGS.format, FLAGS.out)
     step = "" if summary["step"] is None else f" (step {summary['step']})"
     print(

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from clip_jax import storage
-from clip_jax.data import transforms
+from clip_jax import cli, storage
+from clip_jax.data import bounded, transforms
 from clip_jax.interop import files, mapping, openai_resnet
 from clip_jax.interop import overrides as overrides_lib
 from clip_jax.models import clip
@@ -44,9 +44,11 @@ def is_workdir(path: str) -> bool:
 
 
 def load_weights(
-    path: str, step: int | None = None, overrides: Any = None
+    path: str, step: int | None = None, overrides: Any = None, allow_code: bool = False
 ) -> tuple[clip.CLIPConfig, dict, str | None]:
     """(CLIPConfig, weights as nested float32 numpy, tokenizer file or None) of anything `load` reads.
+
+    ``allow_code``: let a TorchScript archive run its own code (see `files.read_tensors`).
 
     Scanned (stacked) blocks are split into ``block_i``; a ResNet tower's BatchNorm
     statistics stay under the top-level ``batch_stats`` key. ``overrides``: see `files.load`.
@@ -55,7 +57,7 @@ def load_weights(
         config, params, tokenizer = _from_workdir(path, step)
         files.check_recorded(config, overrides_lib.coerce(overrides), os.path.join(path, "config.json"))
         return config, mapping.stack_free(params), tokenizer
-    config, params = files.load(path, overrides)
+    config, params = files.load(path, overrides, allow_code=allow_code)
     folder = path if storage.isdir(path) else os.path.dirname(path)
     tokenizer = None
     if storage.exists(os.path.join(folder, SENTENCEPIECE)):
@@ -84,12 +86,27 @@ def make_tokenizer(path: str, context_length: int) -> Callable[[Sequence[str]], 
     return Tokenizer(path, context_length)
 
 
+class VocabularyMismatch(cli.UserError, ValueError):
+    """A tokenizer with ids the model has no embedding for."""
+
+
+def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer: str) -> None:
+    """Refuses a tokenizer with ids the model has no embedding for: such an id would read past
+    the token table (NaN or garbage text embeddings), not fail."""
+    if tokenizer_vocab > model_vocab:
+        raise VocabularyMismatch(
+            f"tokenizer {tokenizer} has {tokenizer_vocab} tokens but the model's vocabulary is "
+            f"{model_vocab}: ids >= {model_vocab} have no embedding; use the model's own tokenizer"
+        )
+
+
 def read_image(item: Any) -> Image.Image:
-    """A path, encoded bytes or a PIL image -> RGB PIL image. Raises OSError / `BadRecord`."""
+    """A path, encoded bytes or a PIL image -> RGB PIL image. Raises OSError / `BadRecord`
+    (a path is read only when it is a regular file of at most `bounded.MAX_MEMBER_BYTES`)."""
     if isinstance(item, Image.Image):
         return transforms.to_rgb(item)
     if isinstance(item, str | os.PathLike):
-        item = storage.read_bytes(os.fspath(item))
+        item = bounded.read_bytes(os.fspath(item))
     return transforms.decode_image(item)
 
 
@@ -172,6 +189,7 @@ def load(
     batch_size: int = 64,
     dtype: str = "float32",
     overrides: Any = None,
+    allow_code: bool = False,
 ) -> CLIPModel:
     """Loads a workdir, export or imported directory (see the module docstring) for inference.
 
@@ -179,10 +197,14 @@ def load(
     is found with the weights. ``step``: a workdir's checkpoint (default: the latest).
     ``overrides``: what a bare OpenAI/open_clip state dict does not record, e.g.
     ``dict(vision_heads=16, text_heads=16, activation="gelu")`` (`files.load`).
+    ``allow_code``: see `load_weights`. Raises ValueError for a tokenizer whose ids
+    do not fit the model's vocabulary.
     """
-    config, params, found = load_weights(path, step, overrides)
+    config, params, found = load_weights(path, step, overrides, allow_code)
     tokenizer = tokenizer or found
     tok = make_tokenizer(tokenizer, config.text.context_length) if tokenizer else None
+    if tok is not None:
+        check_vocab(tok.vocab_size, config.text.vocab_size, tokenizer)
     model = clip.CLIP(config, dtype=jnp.dtype(dtype))
     return CLIPModel(model, params, tok, path, batch_size)
 

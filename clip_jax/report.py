@@ -182,14 +182,46 @@ def scenes_gallery(workdir: str, path: str, queries: int = 4, top: int = 4) -> b
     return True
 
 
+def _number(value, fmt: str = ".3f") -> str:
+    """A number as ``fmt``; anything else (a workdir is untrusted input) escaped as text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format(value, fmt)
+    return html.escape(str(value))
+
+
+class _Names:
+    """PNG file names derived from workdir content (eval groups, result keys): only
+    ``[A-Za-z0-9_.-]``, no leading dot, bounded length, unique, and inside ``out``."""
+
+    def __init__(self, out: str):
+        self.out, self.used = os.path.realpath(out), set()
+
+    def __call__(self, *parts: str) -> tuple[str, str]:
+        """(file name, its path under ``out``)."""
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(str(p) for p in parts)).lstrip(".-")[:80] or "plot"
+        name, n = f"{stem}.png", 1
+        while name in self.used:
+            n += 1
+            name = f"{stem}_{n}.png"
+        self.used.add(name)
+        path = os.path.join(self.out, name)
+        if os.path.dirname(os.path.realpath(path)) != self.out:  # no separator survives; kept as a guard
+            raise ValueError(f"report: derived file name {name!r} leaves {self.out}")
+        return name, path
+
+
+def _img(name: str) -> str:
+    return f"<img src='{html.escape(name)}'>"
+
+
 def _table(results: dict) -> str:
     rows = []
     for name, value in _scalars(results).items():
         if name.endswith("_chance"):
             continue
         chance = results.get(f"{name}_chance")
-        chance_text = f"{chance:.3f}" if isinstance(chance, int | float) else ""
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{value:.3f}</td><td>{chance_text}</td></tr>")
+        chance_text = _number(chance) if isinstance(chance, int | float) else ""
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{_number(value)}</td><td>{chance_text}</td></tr>")
     return "<table><tr><th>metric</th><th>value</th><th>chance</th></tr>" + "".join(rows) + "</table>"
 
 
@@ -198,33 +230,34 @@ def build(workdir: str) -> str:
     out = storage.local_dir(workdir, "report")
     os.makedirs(out, exist_ok=True)
     parts = [f"<h1>clip_jax run: {html.escape(storage.absolute(workdir))}</h1>"]
+    names = _Names(out)
+    names("training"), names("gallery")  # reserved: a crafted group or key cannot take them
     rows = read_metrics(workdir)
     if rows:
         plot_training(rows, os.path.join(out, "training.png"))
         last = rows[-1]
         parts.append(
-            f"<h2>Training</h2><p>{len(rows)} log lines, last step {last['step']}, "
-            f"loss {last['loss']:.4f}</p><img src='training.png'>"
+            f"<h2>Training</h2><p>{len(rows)} log lines, last step {_number(last.get('step'), 'd')}, "
+            f"loss {_number(last.get('loss'), '.4f')}</p><img src='training.png'>"
         )
     for group, history in read_evals(workdir).items():
         label = group or "end-of-training evaluation"
         step, results = history[-1]
         parts.append(f"<h2>Evaluation: {html.escape(label)} (step {step})</h2>{_table(results)}")
-        slug = re.sub(r"\W+", "_", group) or "eval"
+        slug = group or "eval"
         if len(history) > 1:
-            plot_eval_steps(history, os.path.join(out, f"{slug}_steps.png"))
-            parts.append(f"<img src='{slug}_steps.png'>")
+            name, path = names(slug, "steps")
+            plot_eval_steps(history, path)
+            parts.append(_img(name))
         for key, matrix in results.items():
             if key.endswith("confusion"):
-                name = f"{slug}_{key}.png"
-                plot_confusion(matrix, class_names_for(key), f"{key} (step {step})", os.path.join(out, name))
-                parts.append(f"<img src='{name}'>")
+                name, path = names(slug, key)
+                plot_confusion(matrix, class_names_for(key), f"{key} (step {step})", path)
+                parts.append(_img(name))
         for attribute, report in results.get("prompt_sensitivity", {}).items():
-            name = f"{slug}_prompts_{attribute}.png"
-            plot_prompts(
-                report, f"zero-shot {attribute}: accuracy per prompt template", os.path.join(out, name)
-            )
-            parts.append(f"<img src='{name}'>")
+            name, path = names(slug, "prompts", attribute)
+            plot_prompts(report, f"zero-shot {attribute}: accuracy per prompt template", path)
+            parts.append(_img(name))
     if storage.glob(os.path.join(workdir, "checkpoints", "*")):
         try:
             if scenes_gallery(workdir, os.path.join(out, "gallery.png")):

@@ -109,6 +109,10 @@ def check_data(data: ml_collections.ConfigDict) -> None:
         0.0 <= data.max_skip_fraction < 1.0,
         f"config.data.max_skip_fraction={data.max_skip_fraction} must be in [0, 1)",
     )
+    _require(
+        data.get("max_member_bytes", 1) > 0,
+        f"config.data.max_member_bytes={data.get('max_member_bytes')} must be positive (bytes per member)",
+    )
     _check_range("crop_scale", data.crop_scale, 0.0, 1.0)
     _check_range("crop_ratio", data.crop_ratio, 0.0, float("inf"))
     if data.get("scenes"):

@@ -4,13 +4,18 @@
         --out_dir=shards --prefix=train --image_column=file --caption_column=caption
 
 The table names each image (a path relative to ``--image_dir``) and its
-caption, optionally an integer label. Parquet needs pyarrow. Rerunning skips
+caption, optionally an integer label. Only regular files inside ``--image_dir`` of at
+most ``--max_image_bytes`` are read: a row naming ``../x``, an absolute path, a symlink
+out of the folder (``outside_root``, unless ``--allow_outside_image_dir``), a FIFO or
+device (``not_regular_file``) or a larger file (``too_large``) is skipped and counted,
+and the stats name the first few of each. Parquet needs pyarrow. Rerunning skips
 finished shards; the summary goes to ``OUT_DIR/PREFIX-stats.json``.
 """
 
-from absl import app, flags
+from absl import flags
 
-from clip_jax.data import convert
+from clip_jax import cli
+from clip_jax.data import bounded, convert
 
 _TABLE = flags.DEFINE_string("table", None, ".csv, .tsv or .parquet file.", required=True)
 _IMAGE_DIR = flags.DEFINE_string("image_dir", ".", "Directory the image column is relative to.")
@@ -22,6 +27,15 @@ _LABEL_COL = flags.DEFINE_string("label_column", None, "Optional column with an 
 _ROWS = flags.DEFINE_integer("rows_per_shard", 10_000, "Rows per output shard.")
 _SIZE = flags.DEFINE_integer("size", 256, "Short side of the stored images (never enlarged).")
 _PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes (one shard each).")
+_MAX_BYTES = flags.DEFINE_integer(
+    "max_image_bytes", bounded.MAX_MEMBER_BYTES, "An image file larger than this is skipped (too_large)."
+)
+_OUTSIDE = flags.DEFINE_bool(
+    "allow_outside_image_dir",
+    False,
+    "Read table paths that leave --image_dir (../, absolute, symlinks out); by default they are "
+    "skipped and counted as outside_root.",
+)
 
 
 def main(argv):
@@ -35,6 +49,8 @@ def main(argv):
         image_column=_IMAGE_COL.value,
         caption_column=_CAPTION_COL.value,
         label_column=_LABEL_COL.value,
+        max_bytes=_MAX_BYTES.value,
+        allow_outside_root=_OUTSIDE.value,
     )
     opts = convert.Options(size=_SIZE.value)
     stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
@@ -42,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

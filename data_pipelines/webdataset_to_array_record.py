@@ -9,9 +9,10 @@ samples skipped and counted by reason. Rerunning skips finished shards. The
 summary goes to ``OUT_DIR/PREFIX-stats.json``.
 """
 
-from absl import app, flags
+from absl import flags
 
-from clip_jax.data import convert, records
+from clip_jax import cli
+from clip_jax.data import bounded, convert, records
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .tar shards, comma-separated.", required=True)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the ArrayRecord shards go.", required=True)
@@ -19,16 +20,19 @@ _PREFIX = flags.DEFINE_string("prefix", "train", "Output file name prefix.")
 _SIZE = flags.DEFINE_integer("size", 256, "Short side of the stored images (never enlarged).")
 _QUALITY = flags.DEFINE_integer("quality", 95, "JPEG quality.")
 _PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes (one shard each).")
+_MAX_BYTES = flags.DEFINE_integer(
+    "max_member_bytes", bounded.MAX_MEMBER_BYTES, "A tar member larger than this is skipped (too_large)."
+)
 
 
 def main(argv):
     del argv
     shards = records.expand(_INPUT.value, "--input")
-    tasks = convert.webdataset_tasks(shards, _OUT_DIR.value, _PREFIX.value)
+    tasks = convert.webdataset_tasks(shards, _OUT_DIR.value, _PREFIX.value, max_bytes=_MAX_BYTES.value)
     opts = convert.Options(size=_SIZE.value, quality=_QUALITY.value)
     stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
     print(convert.summary_line(stats))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

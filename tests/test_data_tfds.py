@@ -167,6 +167,7 @@ def test_tfds_data_that_does_not_fit_is_named(prepared, overrides, match):
         ({"format": "parquet"}, r"config.data.format='parquet' is unknown"),
         ({"max_skip_fraction": 1.0}, r"config.data.max_skip_fraction=1.0 must be in \[0, 1\)"),
         ({"max_skip_fraction": -0.1}, r"config.data.max_skip_fraction=-0.1 must be in \[0, 1\)"),
+        ({"max_member_bytes": 0}, r"config.data.max_member_bytes=0 must be positive"),
         ({"crop_scale": (0.0, 1.0)}, r"config.data.crop_scale=\(0.0, 1.0\) must be \(min, max\)"),
         ({"crop_scale": (0.9, 0.5)}, r"config.data.crop_scale=\(0.9, 0.5\)"),
         ({"crop_scale": (0.5, 1.5)}, r"config.data.crop_scale=\(0.5, 1.5\)"),

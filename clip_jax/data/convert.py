@@ -38,7 +38,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from clip_jax.data import records, skips, transforms
+from clip_jax.data import bounded, records, skips, transforms
 
 
 class Item(NamedTuple):
@@ -49,6 +49,7 @@ class Item(NamedTuple):
     caption: str | bytes | None
     label: int | None = None
     bad: str | None = None
+    detail: str | None = None  # for a bad one: what and where (a file, a tar member)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,7 @@ def time_limit(seconds: float):
 def prepare(item: Item, opts: Options) -> dict[str, Any]:
     """An input item -> a record; raises `skips.BadRecord`."""
     if item.bad:
-        raise skips.BadRecord(item.bad, item.key)
+        raise skips.BadRecord(item.bad, item.detail or item.key)
     caption = skips.caption_text(item.caption)
     with time_limit(opts.timeout_s):
         image = item.image if item.image is not None else b""
@@ -116,8 +117,19 @@ def prepare(item: Item, opts: Options) -> dict[str, Any]:
     return record
 
 
+MAX_EXAMPLES = 5  # skipped records named per reason in the stats (which file, which member)
+
+
 def new_stats() -> dict[str, Any]:
-    return {"kept": 0, "skipped": {}, "bytes_in": 0, "bytes_out": 0, "seconds": 0.0, "shards": 0}
+    return {
+        "kept": 0,
+        "skipped": {},
+        "skipped_examples": {},
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "seconds": 0.0,
+        "shards": 0,
+    }
 
 
 def merge(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +137,9 @@ def merge(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
         total[field] += part[field]
     for reason, n in part["skipped"].items():
         total["skipped"][reason] = total["skipped"].get(reason, 0) + n
+    for reason, names in part.get("skipped_examples", {}).items():
+        kept = total["skipped_examples"].setdefault(reason, [])
+        kept.extend(names[: MAX_EXAMPLES - len(kept)])
     return total
 
 
@@ -153,6 +168,8 @@ def run_task(task: Task, opts: Options) -> dict[str, Any]:
                 data = records.encode(prepare(item, opts))
             except skips.BadRecord as e:
                 stats["skipped"][e.reason] = stats["skipped"].get(e.reason, 0) + 1
+                if len(examples := stats["skipped_examples"].setdefault(e.reason, [])) < MAX_EXAMPLES:
+                    examples.append(e.detail or item.key)
                 continue
             writer.write(data)
             stats["kept"] += 1
@@ -220,23 +237,41 @@ def summary_line(stats: dict[str, Any]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TarReader:
-    """The items of one webdataset tar shard; a member cut short is marked ``truncated``."""
+    """The items of one webdataset tar shard; a member cut short is marked ``truncated``, one
+    over ``max_bytes`` ``too_large``; a sample read past ``timeout_s`` ends the shard (``timeout``).
+    Raises `bounded.BadShard` for a shard with no samples (empty, compressed, not a tar)."""
 
     path: str
+    max_bytes: int = bounded.MAX_MEMBER_BYTES
+    timeout_s: float = 60.0
 
     def __call__(self) -> Iterator[Item]:
         from clip_jax.data import webdataset  # imports the Grain pipeline; only needed here
 
-        for sample in webdataset.iter_tar_file(self.path):
+        samples, count = webdataset.iter_tar_file(self.path, self.max_bytes), 0
+        while True:
+            try:
+                with time_limit(self.timeout_s):
+                    sample = next(samples, None)
+            except skips.BadRecord as e:  # the stream stalled: what is left of it is lost
+                yield Item(f"{self.path}#{count}", None, None, None, e.reason, f"{self.path}: {e.detail}")
+                return
+            if sample is None:
+                break
+            count += 1
             label = sample.get("cls")
             label = int(label) if label and not sample["bad"] else None
-            yield Item(sample["key"], sample["image"], sample["caption"], label, sample["bad"])
+            bad, detail = sample["bad"], sample.get("detail")
+            yield Item(sample["key"], sample["image"], sample["caption"], label, bad, detail)
+        if not count:
+            raise bounded.BadShard(f"{self.path}: an empty tar shard (no samples)")
 
 
-def webdataset_tasks(shards: list[str], out_dir: str, prefix: str) -> list[Task]:
-    """One task per tar shard, written to ``OUT_DIR/PREFIX-i-of-n.array_record``."""
+def webdataset_tasks(shards: list[str], out_dir: str, prefix: str, **reader: Any) -> list[Task]:
+    """One task per tar shard, written to ``OUT_DIR/PREFIX-i-of-n.array_record``
+    (``reader``: `TarReader`'s ``max_bytes``, ``timeout_s``)."""
     paths = records.shard_paths(os.path.join(out_dir, prefix), len(shards))
-    return [Task(out, TarReader(src)) for src, out in zip(shards, paths, strict=True)]
+    return [Task(out, TarReader(src, **reader)) for src, out in zip(shards, paths, strict=True)]
 
 
 # Image folder + caption table ---------------------------------------------------------
@@ -258,17 +293,26 @@ def read_table(path: str) -> list[dict[str, Any]]:
 
 @dataclasses.dataclass(frozen=True)
 class FolderReader:
-    """Items of ``rows`` ((key, image path, caption, label)); a missing file is ``missing_image``."""
+    """Items of ``rows`` ((key, image name, caption, label)), each image ``root/name`` read by
+    `bounded.read_file` within ``timeout_s``. A bad one is marked: ``missing_image``,
+    ``not_regular_file``, ``too_large``, ``timeout``, or ``outside_root`` (``../``, absolute,
+    a symlink out of ``root``) unless ``allow_outside_root``."""
 
     rows: tuple[tuple[str, str, Any, int | None], ...]
+    root: str = "."
+    max_bytes: int = bounded.MAX_MEMBER_BYTES
+    timeout_s: float = 60.0
+    allow_outside_root: bool = False
 
     def __call__(self) -> Iterator[Item]:
-        for key, path, caption, label in self.rows:
+        for key, name, caption, label in self.rows:
             try:
-                with open(path, "rb") as f:
-                    yield Item(key, f.read(), caption, label)
-            except OSError:
-                yield Item(key, None, caption, label, "missing_image")
+                with time_limit(self.timeout_s):  # a stalled file system counts as a timeout
+                    path = bounded.resolve(self.root, name, self.allow_outside_root)
+                    item = Item(key, bounded.read_file(path, self.max_bytes), caption, label)
+            except skips.BadRecord as e:
+                item = Item(key, None, caption, label, e.reason, e.detail)
+            yield item
 
 
 def folder_tasks(
@@ -280,21 +324,24 @@ def folder_tasks(
     image_column: str = "file",
     caption_column: str = "caption",
     label_column: str | None = None,
+    **reader: Any,
 ) -> list[Task]:
-    """Tasks for an image folder and a caption table, ``rows_per_shard`` rows per output shard."""
+    """Tasks for an image folder and a caption table, ``rows_per_shard`` rows per output shard
+    (``reader``: `FolderReader`'s ``max_bytes``, ``timeout_s``, ``allow_outside_root``)."""
     rows = read_table(table)
     if rows and (image_column not in rows[0] or caption_column not in rows[0]):
         raise KeyError(f"{table} needs columns {image_column!r} and {caption_column!r}; has {list(rows[0])}")
     items = []
     for i, row in enumerate(rows):
         label = row.get(label_column) if label_column else None
-        path = os.path.join(image_dir, str(row[image_column]))
-        key = os.path.splitext(str(row[image_column]))[0] or str(i)
+        name = str(row[image_column])
+        key = os.path.splitext(name)[0] or str(i)
         caption = row[caption_column]
-        items.append((key, path, caption, int(label) if label not in (None, "") else None))
+        items.append((key, name, caption, int(label) if label not in (None, "") else None))
     chunks = [tuple(items[i : i + rows_per_shard]) for i in range(0, len(items), rows_per_shard)]
     paths = records.shard_paths(os.path.join(out_dir, prefix), len(chunks))
-    return [Task(out, FolderReader(chunk)) for chunk, out in zip(chunks, paths, strict=True)]
+    readers = [FolderReader(chunk, image_dir, **reader) for chunk in chunks]
+    return [Task(out, read) for read, out in zip(readers, paths, strict=True)]
 
 
 # TFDS ------------------------------------------------------------------------------

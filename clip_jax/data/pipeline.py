@@ -69,7 +69,7 @@ class DecodeExample:
     def __call__(self, element: bytes | dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
         record = element if isinstance(element, dict) else _unpack(element)
         if record.get("bad"):  # a reader marked it (e.g. a tar member cut short)
-            raise skips.BadRecord(record["bad"], record.get("key", ""))
+            raise skips.BadRecord(record["bad"], record.get("detail") or record.get("key", ""))
         caption = skips.caption_text(record.get("caption"))
         img = transforms.decode_image(record.get("image") or b"", self.max_pixels)
         if self.crop is None or rng is None:
@@ -264,7 +264,10 @@ def from_config(
     if data_config.format == "webdataset":
         from clip_jax.data import webdataset  # imports this module
 
-        return webdataset.train_iterator(files, shuffle_buffer=data_config.shuffle_buffer, **common)
+        limit = data_config.get("max_member_bytes")
+        return webdataset.train_iterator(
+            files, shuffle_buffer=data_config.shuffle_buffer, max_member_bytes=limit, **common
+        )
     if data_config.format == "tfds":
         from clip_jax.data import tfds_source  # imports this module
 

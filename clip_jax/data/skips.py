@@ -21,6 +21,9 @@ REASONS = (
     "missing_caption",  # no caption field
     "empty_caption",  # caption empty or only whitespace
     "timeout",  # reading or decoding took longer than the limit
+    "too_large",  # a member or file over the size limit (bounded.MAX_MEMBER_BYTES): never read
+    "not_regular_file",  # a table names a FIFO, device or directory: never read
+    "outside_root",  # a table path leaving the image folder (../, absolute, a symlink out)
 )
 REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 

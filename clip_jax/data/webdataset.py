@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from clip_jax import storage
-from clip_jax.data import pipeline, skips
+from clip_jax.data import bounded, pipeline, skips
 from clip_jax.data.tokenizer import Tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -41,7 +41,10 @@ def _split_name(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), ext.lower()
 
 
-def _sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
+_WANTED = frozenset((*IMAGE_EXTENSIONS, "txt", "json", "cls"))  # other members are never read
+
+
+def _sample(key: str, members: dict[str, bytes], bad: str | None = None) -> dict[str, Any]:
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     return {
         "key": key,
@@ -50,37 +53,76 @@ def _sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
         "caption": members.get("txt"),
         "json": members.get("json"),
         "cls": members.get("cls"),
-        "bad": None,
+        "bad": bad,
     }
 
 
-def iter_tar(fileobj: BinaryIO) -> Iterator[dict[str, Any]]:
+class _Prepended:
+    """A stream whose first bytes were already read (to look at them): ``head``, then the rest."""
+
+    def __init__(self, head: bytes, rest: BinaryIO):
+        self._head, self._rest = head, rest
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._head:
+            return self._rest.read(size)
+        if size is None or size < 0:
+            out, self._head = self._head + self._rest.read(), b""
+            return out
+        out, self._head = self._head[:size], self._head[size:]
+        return out if len(out) == size else out + self._rest.read(size - len(out))
+
+
+def iter_tar(
+    fileobj: BinaryIO, name: str = "<stream>", max_member_bytes: int = bounded.MAX_MEMBER_BYTES
+) -> Iterator[dict[str, Any]]:
     """Samples of one tar stream, in order: {"key", "image" bytes|None, "image_ext",
-    "caption" bytes|None, "json", "cls", "bad": None or "truncated"}."""
-    key, members = None, {}
+    "caption" bytes|None, "json", "cls", "bad": None, "truncated" or "too_large"}.
+
+    A member over ``max_member_bytes`` (by its header, sparse ones by their full size)
+    is never read: its sample is marked ``too_large`` with ``"detail"`` naming it.
+    Raises `bounded.BadShard` naming ``name`` for a compressed stream or one that is no
+    tar at all; an empty shard yields nothing (callers decide whether that is an error).
+    """
+    head = fileobj.read(512)
+    if not head:
+        return
+    if kind := bounded.compression(head):
+        raise bounded.BadShard(f"{name}: a {kind}-compressed shard; tar readers take plain .tar (decompress)")
+    key, members, bad, detail = None, {}, None, None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        with tarfile.open(fileobj=_Prepended(head, fileobj), mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
                 member_key, ext = _split_name(info.name)
                 if member_key != key and key is not None:
-                    yield _sample(key, members)
-                    members = {}
+                    yield {**_sample(key, members, bad), "detail": detail}
+                    members, bad, detail = {}, None, None
                 key = member_key
-                members[ext] = tar.extractfile(info).read()
+                if ext not in _WANTED:
+                    continue
+                if info.size > max_member_bytes:  # tarfile skips its data by reading in blocks
+                    bad, detail = "too_large", f"{name}: {info.name}: {info.size} bytes > {max_member_bytes}"
+                    continue
+                members[ext] = tar.extractfile(info).read(max_member_bytes + 1)
     except (tarfile.TarError, EOFError, OSError) as e:
+        if key is None:  # not even one member header: no tar
+            raise bounded.BadShard(f"{name}: not a tar file ({e})") from None
         # The stream ended inside a member: the sample being assembled is incomplete.
-        if key is not None:
-            yield {**_sample(key, members), "bad": "truncated", "detail": str(e)}
+        yield {**_sample(key, members), "bad": bad or "truncated", "detail": detail or f"{name}: {e}"}
         return
     if key is not None:
-        yield _sample(key, members)
+        yield {**_sample(key, members, bad), "detail": detail}
 
 
-def iter_tar_file(path: str) -> Iterator[dict[str, Any]]:
+def iter_tar_file(path: str, max_member_bytes: int = bounded.MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
+    """`iter_tar` of a local or ``gs://`` file, errors naming ``path``; a local path must be a
+    regular file (a FIFO would block the reader, ``/dev/zero`` never end)."""
+    if not storage.is_remote(path) and os.path.exists(path) and not os.path.isfile(path):
+        raise bounded.BadShard(f"{path}: not a regular file; a shard must be a plain .tar file")
     with storage.open_file(path, "rb") as f:  # local, or streamed from gs://
-        yield from iter_tar(f)
+        yield from iter_tar(f, path, max_member_bytes)
 
 
 class TarShards(grain.IterDataset):
@@ -94,8 +136,10 @@ class TarShards(grain.IterDataset):
         num_epochs: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        max_member_bytes: int | None = None,
     ):
         super().__init__()
+        self._max_member_bytes = max_member_bytes or bounded.MAX_MEMBER_BYTES
         index = jax.process_index() if process_index is None else process_index
         count = jax.process_count() if process_count is None else process_count
         if len(shards) < count:
@@ -117,12 +161,17 @@ class TarShards(grain.IterDataset):
     def __str__(self) -> str:
         return f"TarShards({len(self._ids)} shards)"
 
+    def shard_names(self, most: int = 5) -> str:
+        """This reader's shards, the first ``most`` of them, for messages."""
+        names = [self._all[i] for i in self._ids]
+        return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
     def epoch_stream(self, epoch: int) -> Iterator[dict[str, Any]]:
         """One epoch's samples in order, each with ``"rng_seed"`` for its augmentation."""
         rng = np.random.default_rng([self._seed, epoch, self._ids[0] if self._ids else 0])
         buffer: list[dict] = []
         for shard in rng.permutation(self._ids):
-            for n, sample in enumerate(iter_tar_file(self._all[shard])):
+            for n, sample in enumerate(iter_tar_file(self._all[shard], self._max_member_bytes)):
                 sample["rng_seed"] = [self._seed, epoch, int(shard), n]
                 if len(buffer) < self._buffer:
                     buffer.append(sample)
@@ -152,10 +201,10 @@ class _TarIterator(grain.DatasetIterator):
             try:
                 sample = next(self._stream)
             except StopIteration:
+                if self._emitted == 0:  # never silently zero samples: empty shards are a mistake
+                    raise bounded.BadShard(f"tar shards with no samples: {self._ds.shard_names()}") from None
                 if self._ds._epochs is not None and self._epoch + 1 >= self._ds._epochs:
                     raise
-                if self._emitted == 0:
-                    raise ValueError("the tar shards hold no samples") from None
                 self._start(self._epoch + 1, 0)
                 continue
             self._emitted += 1
@@ -228,11 +277,13 @@ def train_iterator(
     counter: skips.SkipCounter | None = None,
     stall_timeout_s: float | None = 600.0,
     num_epochs: int | None = None,
+    max_member_bytes: int | None = None,
 ) -> grain.DatasetIterator:
-    """Host-local training batches read straight from tar shards (see `pipeline.train_iterator`)."""
+    """Host-local training batches read straight from tar shards (see `pipeline.train_iterator`);
+    a member over ``max_member_bytes`` (default `bounded.MAX_MEMBER_BYTES`) is a ``too_large`` skip."""
     decode = pipeline.DecodeExample(tokenizer, image_size, crop)
     ds = (
-        TarShards(shards, seed, shuffle_buffer, num_epochs)
+        TarShards(shards, seed, shuffle_buffer, num_epochs, max_member_bytes=max_member_bytes)
         .pipe(DecodeSkipBad, decode)
         .batch(local_batch_size, drop_remainder=True)
     )

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import pickle
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,7 +28,7 @@ import numpy as np
 import safetensors.numpy
 
 from clip_jax import storage
-from clip_jax.interop import hf, mapping, open_clip, openai
+from clip_jax.interop import hf, mapping, open_clip, openai, torchscript
 from clip_jax.interop import overrides as overrides_lib
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.resnet import ResNetConfig
@@ -121,27 +123,49 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(path)
 
 
-def read_tensors(path: str) -> dict[str, np.ndarray]:
-    """A safetensors file, or a torch state dict (``.pt``/``.bin``/JIT archive; needs torch)."""
+def read_tensors(path: str, allow_code: bool = False) -> dict[str, np.ndarray]:
+    """A safetensors file, or a torch state dict (``.pt``/``.bin``/TorchScript archive) as float32.
+
+    No code from the file runs: a pickle is read with ``weights_only=True``, a
+    TorchScript archive (OpenAI's original downloads) by `torchscript.read_tensors`.
+    ``allow_code=True`` lets ``torch.jit.load`` run an archive that only its own code
+    can read (its modules' ``__setstate__``), and unpickles any object in a torch
+    pickle: for files whose author you trust.
+    """
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
-    import torch  # optional: only for PyTorch pickles
-
-    source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    except RuntimeError:  # OpenAI's original downloads are TorchScript archives
+    data = storage.read_bytes(path) if storage.is_remote(path) else None
+    source = io.BytesIO(data) if data is not None else path
+    scripted = False
+    if zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as zf:
+            scripted = torchscript.is_archive(zf)
         if isinstance(source, io.BytesIO):
             source.seek(0)
+        if scripted and not allow_code:
+            return _float32(torchscript.read_tensors(source, path))
+    import torch  # optional: only for PyTorch pickles
+
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    if scripted and allow_code:
         state = torch.jit.load(source, map_location="cpu").state_dict()
+    else:
+        try:  # allow_code: a pickle of arbitrary objects, as torch.load(weights_only=False)
+            state = torch.load(source, map_location="cpu", weights_only=not allow_code)
+        except pickle.UnpicklingError as e:
+            reason = str(e).splitlines()[0][:160]
+            raise torchscript.UntrustedCode(
+                f"{path}: not a weights-only torch file ({reason}); to {torchscript.OPT_IN}"
+            ) from None
     if isinstance(state, dict) and "state_dict" in state:  # open_clip's training checkpoints
         state = state["state_dict"]
-    tensors = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")  # saved from DistributedDataParallel
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value.detach().float().numpy()
-    return tensors
+    return _float32({k: v.detach().float().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)})
+
+
+def _float32(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # "module.": saved from DistributedDataParallel
+    return {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in state.items()}
 
 
 def _unexpected(tensors: Mapping, maps: Iterable[mapping.TensorMap], ignored) -> list[str]:
@@ -160,7 +184,9 @@ def special_ids(path: str) -> tuple[int, int] | None:
     return None
 
 
-def load(path: str, overrides: Any = None, **fields: Any) -> tuple[CLIPConfig, dict]:
+def load(
+    path: str, overrides: Any = None, allow_code: bool = False, **fields: Any
+) -> tuple[CLIPConfig, dict]:
     """(CLIPConfig, params as nested float32 numpy) from an export directory or a weights file.
 
     ``path``: an HF directory (``config.json`` + ``model.safetensors``), a ``params``
@@ -170,6 +196,7 @@ def load(path: str, overrides: Any = None, **fields: Any) -> tuple[CLIPConfig, d
     ``overrides`` (`overrides.Overrides`, a dict, or the flag text) and ``fields``
     (vision_heads, text_heads, activation, open_clip_model): what a bare state dict does
     not record (`openai.clip_config`); for configured weights they must agree with it.
+    ``allow_code``: see `read_tensors` (off: no code from the file runs).
     """
     given = overrides_lib.coerce(overrides, **fields)
     if storage.isdir(path):
@@ -188,7 +215,7 @@ def load(path: str, overrides: Any = None, **fields: Any) -> tuple[CLIPConfig, d
             return config, mapping.from_external(tensors, maps)
         names = [n for n in OPEN_CLIP_FILES if storage.exists(os.path.join(path, n))]
         path = os.path.join(path, names[0] if names else OPEN_CLIP_WEIGHTS)
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, allow_code)
     if "visual.conv1.weight" not in tensors:
         raise ValueError(f"{path}: not an OpenAI/open_clip state dict (no visual.conv1.weight)")
     config = openai.clip_config(tensors, os.path.dirname(path), given)

@@ -27,7 +27,9 @@ import os
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
+
+from clip_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("variant", "ViT-B/32", "model variant (clip_jax.models.clip.VARIANTS)")
@@ -241,4 +243,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -21,10 +21,10 @@ import re
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import Mesh
 
-from clip_jax import diagnostics, storage, zeroshot_metadata
+from clip_jax import cli, diagnostics, storage, zeroshot_metadata
 from clip_jax.data import pipeline, scenes
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.eval import linear_probe as probe
@@ -203,7 +203,7 @@ def class_prompts(dataset: str, found_names) -> list[list[str]]:
     names = sources.read_class_names(FLAGS.class_names) if FLAGS.class_names else None
     names = names or (known[0] if known else None) or found_names
     if not names:
-        raise app.UsageError(f"{dataset}: no class names; pass --class_names=FILE")
+        raise cli.UserError(f"{dataset}: no class names; pass --class_names=FILE")
     templates = FLAGS.templates
     if templates:
         templates = NAMED_TEMPLATES.get(templates) or sources.read_templates(templates)
@@ -263,7 +263,7 @@ def run_task(task: str, dataset: str | None, workdir: str) -> dict:
 def main(argv):
     del argv
     if FLAGS.workdir is None or (FLAGS.task != "scenes" and not FLAGS.dataset):
-        raise app.UsageError("--workdir and --dataset are required (--dataset not for --task=scenes)")
+        raise cli.UserError("--workdir and --dataset are required (--dataset not for --task=scenes)")
     results = run_task(FLAGS.task, FLAGS.dataset, FLAGS.workdir)
     if FLAGS.task != "scenes":  # evaluate_scenes prints its own table
         print_table(f"{FLAGS.task} {FLAGS.dataset or ''} (step {results['step']})", results)
@@ -275,4 +275,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -23,9 +23,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 
-from clip_jax import storage, train
+from clip_jax import cli, storage, train
 from clip_jax.data import tokenizer as sp_tokenizer
 from clip_jax.interop import files
 from clip_jax.models import clip
@@ -154,9 +154,9 @@ def export(source: dict[str, Any], fmt: str, out: str) -> dict[str, Any]:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise cli.UserError(f"unexpected arguments: {argv[1:]}")
     if (FLAGS.workdir is None) == (FLAGS.weights is None):
-        raise app.UsageError("give exactly one of --workdir and --weights")
+        raise cli.UserError("give exactly one of --workdir and --weights")
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
     source = from_workdir(FLAGS.workdir, FLAGS.step) if FLAGS.workdir else from_weights(FLAGS.weights)
     summary = export(source, FLAGS.format, FLAGS.out)
@@ -170,4 +170,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

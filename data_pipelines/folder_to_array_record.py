@@ -8,8 +8,9 @@ caption, optionally an integer label. Parquet needs pyarrow. Rerunning skips
 finished shards; the summary goes to ``OUT_DIR/PREFIX-stats.json``.
 """
 
-from absl import app, flags
+from absl import flags
 
+from clip_jax import cli
 from clip_jax.data import convert
 
 _TABLE = flags.DEFINE_string("table", None, ".csv, .tsv or .parquet file.", required=True)
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

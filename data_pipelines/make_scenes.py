@@ -9,8 +9,9 @@ does this itself when its config has a ``data.scenes`` section.
 
 import time
 
-from absl import app, flags
+from absl import flags
 
+from clip_jax import cli
 from clip_jax.data import scenes
 
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

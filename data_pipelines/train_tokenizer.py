@@ -13,8 +13,9 @@ tower's.
 import itertools
 import time
 
-from absl import app, flags
+from absl import flags
 
+from clip_jax import cli
 from clip_jax.data import pipeline, records, tokenizer
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .txt files or ArrayRecord shards.", required=True)
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,8 +9,9 @@ samples skipped and counted by reason. Rerunning skips finished shards. The
 summary goes to ``OUT_DIR/PREFIX-stats.json``.
 """
 
-from absl import app, flags
+from absl import flags
 
+from clip_jax import cli
 from clip_jax.data import convert, records
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .tar shards, comma-separated.", required=True)
@@ -31,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,7 +10,7 @@ from clip_jax import predict
 def test_classify_skips_missing_and_unreadable_images(tiny_export, tmp_path, capsys):  # noqa: F811
     (tmp_path / "broken.png").write_bytes(b"not an image")
     images = str(tiny_export / "images")
-    result = predict.main(["classify", f"--model={tiny_export / 'model'}", images,
+    result = predict.run(["classify", f"--model={tiny_export / 'model'}", images,
                            str(tmp_path / "broken.png"), str(tmp_path / "gone.png"),
                            "--labels=red circle,blue square,green star", "--top_k=2"])  # fmt: skip
     assert result["images"] == 5 and result["skipped"] == {"missing": 1, "decode_error": 1}
@@ -20,15 +20,15 @@ def test_classify_skips_missing_and_unreadable_images(tiny_export, tmp_path, cap
 
 def test_index_then_search_by_image_and_text(tiny_export, tmp_path, capsys):  # noqa: F811
     model, index = f"--model={tiny_export / 'model'}", str(tmp_path / "index.npz")
-    predict.main(["index", model, str(tiny_export / "images"), f"--out={index}"])
+    predict.run(["index", model, str(tiny_export / "images"), f"--out={index}"])
     data = np.load(index)
     assert data["embeddings"].shape[0] == 5 and len(data["refs"]) == 5
     query = str(tiny_export / "images" / "3.png")
     html = tmp_path / "hits.html"
-    hits = predict.main(
+    hits = predict.run(
         ["search", model, f"--index={index}", f"--image={query}", "--top_k=3", f"--html={html}"]
     )
     assert hits["hits"][0][1] == query and abs(hits["hits"][0][0] - 1.0) < 1e-4
     assert html.read_text().count("data:image/png;base64,") == 3
-    text_hits = predict.main(["search", model, f"--index={index}", "--text=a red circle", "--top_k=5"])
+    text_hits = predict.run(["search", model, f"--index={index}", "--text=a red circle", "--top_k=5"])
     assert sorted(h[1] for h in text_hits["hits"]) == sorted(data["refs"].tolist())

@@ -17,13 +17,19 @@ train, stop, logs, watch, run (= create + setup + train + watch), delete.
   and clip_jax writes the rest through gcsfs (the ``tpu`` extra installs it).
   Other ``gs://`` paths in the training flags (ArrayRecord data, which reads
   local files only) are mounted with gcsfuse at /gcs/BUCKET on every worker and
-  passed as /gcs/BUCKET/.... ``--no_gcsfuse`` passes every path as is.
+  passed as /gcs/BUCKET/.... ``--nogcsfuse`` passes every path as is.
 - ``watch`` polls the slice's state (``describe --format=value(state)``). PREEMPTED
   (TPU VM) or SUSPENDED/FAILED (queued resource) -> delete, recreate, set up and
   start again: the run resumes from its latest checkpoint in the workdir. A
   training process that exits non-zero on a healthy slice is restarted as is,
   after what is left of it on the other workers is stopped (SIGTERM, then SIGKILL).
   Both count against ``--max_restarts``.
+- Only gcloud's own NOT_FOUND answer means the slice is gone: any other failed query
+  (network, auth, quota) is retried with exponential backoff (``--backoff_s``, doubling)
+  and never deletes anything. A relaunch whose create fails (no spot capacity) is tried
+  again after a backoff, each try counting against ``--max_restarts``.
+- The flags are checked before anything is created: a multi-host slice (more than 8
+  chips or cores in the name) needs a shared gs:// workdir.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 
@@ -25,7 +24,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from clip_jax import cli, diagnostics, storage, zeroshot_metadata
-from clip_jax.data import pipeline, scenes
+from clip_jax.data import pipeline, records, scenes
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.eval import linear_probe as probe
 from clip_jax.eval import retrieval, sources
@@ -215,7 +214,7 @@ def class_prompts(dataset: str, found_names) -> list[list[str]]:
 def caption_retrieval(encoder, tokenizer, pattern: str, image_size: int) -> dict:
     """ArrayRecord records with ``captions`` (list) or ``caption``: every caption a query."""
     images, captions, owner = [], [], []
-    for record in pipeline.read_all(sorted(glob.glob(pattern)))[: FLAGS.limit]:
+    for record in records.read_all(records.expand(pattern, "--dataset=array_record:GLOB"))[: FLAGS.limit]:
         texts = record.get("captions") or [record["caption"]]
         images.append(sources._decode(record["image"], image_size))
         captions += [t.decode() if isinstance(t, bytes) else t for t in texts]

@@ -2,6 +2,7 @@
 stderr naming the flag or file, no traceback. The cases fail before anything is compiled; they
 run a few at a time (each is a fresh Python process importing JAX)."""
 
+import collections
 import concurrent.futures
 import os
 import pathlib
@@ -9,8 +10,12 @@ import shutil
 import subprocess
 import sys
 
+import msgpack
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 from test_inference import tiny_export  # noqa: F401 (the fixture)
+
+from clip_jax.data import records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 AOT = ["-m", "clip_jax.aot", "--platform=cpu", "--topology=v5e-8"]
@@ -95,3 +100,24 @@ def test_a_mistake_is_one_line_naming_the_flag_or_file(results, name):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(errors) == 1 and names in errors[0], proc.stderr[-2000:]
+
+
+def test_evaluation_sets_skip_and_count_corrupt_records(tmp_path, capsys):
+    """records.read_all (evaluate's retrieval and array_record sets): corrupt records are left out."""
+    path = str(tmp_path / "mixed.array_record")
+    writer = ArrayRecordWriter(path, records.WRITER_OPTIONS)
+    for data in (
+        records.encode({"key": "a"}),
+        b"\xc1 not msgpack",
+        msgpack.packb("text"),
+        records.encode({"key": "b"}),
+    ):
+        writer.write(data)
+    writer.close()
+    skipped = collections.Counter()
+    assert [r["key"] for r in records.read_all([path], skipped)] == ["a", "b"]
+    assert skipped == {"decode_error": 2}
+    assert f"{path}#1" in capsys.readouterr().err
+    with pytest.raises(records.ShardError, match="notes.array_record is not an ArrayRecord shard"):
+        (tmp_path / "notes.array_record").write_text("notes")
+        records.read_all([str(tmp_path / "notes.array_record")])

@@ -29,7 +29,7 @@ WRITER_OPTIONS = "group_size:1"
 
 
 class ShardError(cli.UserError, ValueError):
-    """A file given as a shard that is not an ArrayRecord file; the message names it."""
+    """A shard that cannot serve (not an ArrayRecord file, records without a needed field); names it."""
 
 
 class NoFilesError(cli.UserError, FileNotFoundError):
@@ -113,3 +113,10 @@ def read_shard(path: str, skipped: collections.Counter) -> Iterator[tuple[int, d
             skipped["decode_error"] += 1
             continue
         yield i, record
+
+
+def read_all(files: Iterable[str], skipped: collections.Counter | None = None) -> list[dict]:
+    """Every record of ``files`` that decodes (small evaluation sets); corrupt ones reported on stderr,
+    counted in ``skipped`` and left out."""
+    skipped = collections.Counter() if skipped is None else skipped
+    return [record for path in files for _, record in read_shard(path, skipped)]

@@ -245,6 +245,8 @@ def build(workdir: str) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise cli.UserError("give the workdir: python -m clip_jax.report WORKDIR")
+    if not storage.isdir(argv[1]):
+        raise cli.UserError(f"{argv[1]}: no such folder (give a training run's workdir)")
     print(f"wrote {build(argv[1])}")
 
 

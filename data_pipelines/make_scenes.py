@@ -15,10 +15,10 @@ from clip_jax import cli
 from clip_jax.data import scenes
 
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 20_000, "Training scenes.")
-_NUM_EVAL = flags.DEFINE_integer("num_eval", 300, "Scenes in each held-out set.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Image side in pixels.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 128, "Tokenizer vocabulary ceiling.")
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 20_000, "Training scenes.", lower_bound=1)
+_NUM_EVAL = flags.DEFINE_integer("num_eval", 300, "Scenes in each held-out set.", lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Image side in pixels.", lower_bound=8)
+_VOCAB = flags.DEFINE_integer("vocab_size", 128, "Tokenizer vocabulary ceiling.", lower_bound=5)
 _SEED = flags.DEFINE_integer("seed", 0, "Generator seed.")
 
 

@@ -63,6 +63,19 @@ def cases(model, files):
             "--vocab_size",
         ),
         "tpu_local_workdir_on_a_pod": ([*tpu, "--", DEMO, "--workdir=/tmp/run"], "--workdir=/tmp/run"),
+        "main_missing_config_file": (
+            ["-m", "clip_jax.main", f"--config={files / 'nope.py'}", "--workdir=w"],
+            "nope.py",
+        ),  # fmt: skip
+        "evaluate_not_a_workdir": (
+            ["-m", "clip_jax.evaluate", f"--workdir={files}", "--dataset=x"],
+            "config.json",
+        ),
+        "report_missing_workdir": (["-m", "clip_jax.report", str(files / "nope")], "nope"),
+        "predict_without_command": (
+            ["-m", "clip_jax.predict", f"--model={model}"],
+            "classify, index, search",
+        ),
         "local_zero_processes": (
             [str(ROOT / "launch" / "local.py"), "--num_processes=0", "--", DEMO],
             "--num_processes",
@@ -93,6 +106,7 @@ def results(tiny_export, tmp_path_factory):  # noqa: F811
         return {name: (future.result(), todo[name][1]) for name, future in done.items()}
 
 
+@pytest.mark.slow  # 20 fresh processes importing JAX: ~40 s of CPU, minutes on a busy 2-core box
 @pytest.mark.parametrize("name", list(cases(pathlib.Path("m"), pathlib.Path("f"))))
 def test_a_mistake_is_one_line_naming_the_flag_or_file(results, name):
     proc, names = results[name]

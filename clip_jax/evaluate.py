@@ -153,7 +153,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command line's flags, defined only when run as a program."""
-    flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+    flags.DEFINE_string(
+        "workdir", None, "A training run's directory (config.json, checkpoints/).", required=True
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
     flags.DEFINE_enum("task", "zeroshot", ["zeroshot", "retrieval", "linear_probe", "scenes"], "")
     flags.DEFINE_string("dataset", None, "TFDS name, folder:ROOT or array_record:GLOB.")
@@ -164,8 +166,8 @@ def define_flags() -> None:
     flags.DEFINE_string("class_names", None, "File of class names, one per line.")
     flags.DEFINE_string("templates", None, "imagenet | imagenet_simple | cifar | FILE (one per line).")
     flags.DEFINE_string("label_key", None, "array_record: record['labels'][KEY] instead of 'label'.")
-    flags.DEFINE_integer("limit", None, "Evaluate at most this many images.")
-    flags.DEFINE_integer("batch_size", 256, "Encoder batch size.")
+    flags.DEFINE_integer("limit", None, "Evaluate at most this many images.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 256, "Encoder batch size.", lower_bound=1)
 
 
 NAMED_TEMPLATES = {

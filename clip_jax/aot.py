@@ -7,7 +7,9 @@ Builds the slice's devices from libtpu's topology description (no TPU needed,
 only ``pip install 'clip-jax-tpu[tpu]'``), lowers and compiles the real train
 step (``train.make_train_step`` with the run's state and batch shardings) for
 them, and prints XLA's per-device memory analysis next to the chip's HBM.
-Exit code 0 when it fits, 1 when it does not.
+Exit code 0 when it fits, 1 when it does not: also when XLA refuses to compile
+because the step's buffers exceed HBM (``RESOURCE_EXHAUSTED``), the case this check exists
+for. Then it suggests what to change.
 
 Without libtpu (or with ``--platform=cpu``) it compiles for as many simulated
 CPU devices instead. That checks shapes, shardings and divisibility, but its
@@ -26,10 +28,10 @@ import time
 import flax.linen as nn
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from clip_jax import losses, optim, sharding, train, validation
+from clip_jax import cli, losses, optim, sharding, train, validation
 
 GIB = 1 << 30
 
@@ -72,13 +74,15 @@ def parse_topology(name: str) -> Topology:
     """'v5e-256' / 'v5litepod-256' / 'v4-128' / 'v5p-128' / 'v6e-256' -> Topology."""
     match = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod|v5lite)-(\d+)", name)
     if not match:
-        raise ValueError(f"--topology={name!r}: use e.g. v4-128, v5e-256, v5p-256, v6e-64")
+        raise validation.ConfigError(f"--topology={name!r}: use e.g. v4-128, v5e-256, v5p-256, v6e-64")
     generation = _ALIASES.get(match.group(1), match.group(1))
     spec = GENERATIONS[generation]
     chips = int(match.group(2)) // spec.cores_per_chip_in_name
     shapes = _SHAPES_3D if spec.three_d else _SHAPES_2D
     if chips not in shapes:
-        raise ValueError(f"--topology={name!r}: no {generation} slice of {chips} chips; try {sorted(shapes)}")
+        raise validation.ConfigError(
+            f"--topology={name!r}: no {generation} slice of {chips} chips; try {sorted(shapes)}"
+        )
     return Topology(f"{generation}-{match.group(2)}", generation, chips, f"{generation}:{shapes[chips]}")
 
 
@@ -149,8 +153,14 @@ def report(config: ml_collections.ConfigDict, topology: Topology, platform: str)
         devices = jax.devices("cpu")
         if len(devices) != topology.chips:
             raise RuntimeError(f"{len(devices)} CPU devices, {topology.chips} needed (set before JAX starts)")
-    result = compile_step(config, devices)
-    total = result["memory"]["total"]
+    try:
+        result = compile_step(config, devices)
+        total = result["memory"]["total"]
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # XLA refuses a program whose buffers exceed HBM: the answer is "does not fit", not a crash.
+        result, total = out_of_memory(str(e)), None
     return {
         "topology": topology.name,
         "libtpu_topology": topology.libtpu_name,
@@ -162,26 +172,63 @@ def report(config: ml_collections.ConfigDict, topology: Topology, platform: str)
         "remat": config.model.remat,
         "loss": config.train.loss,
         **result,
-        "per_device_gib": round(total / GIB, 2),
+        "per_device_gib": round(total / GIB, 2) if total is not None else result.pop("used_gib"),
         "hbm_gib": GENERATIONS[topology.generation].hbm_gib,
-        "fits": total <= topology.hbm_bytes,
+        "fits": total is not None and total <= topology.hbm_bytes,
     }
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/b16.py.")
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", "v5e-256", "Target slice as gcloud names it: v4-128, v5e-256, ..."
+def out_of_memory(message: str) -> dict:
+    """The summary fields of a compile XLA refused for lack of memory: its own first line, and the
+    GiB it needed when it says ("Used 17.30G of 15.75G hbm"), else None."""
+    first = next((line.strip() for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message)
+    used = re.search(r"Used ([\d.]+)([KMGT])", message)
+    scale = {"K": 1 / (1 << 20), "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+    return {
+        "memory": None,
+        "compile_error": first[:500],
+        "used_gib": round(float(used.group(1)) * scale[used.group(2)], 2) if used else None,
+    }
+
+
+SUGGESTIONS = (
+    "--config.model.remat=full (recompute activations in the backward pass)",
+    "a smaller --config.train.batch_size, or --config.train.accum_steps=2 (same batch, half the activations)",
+    "more chips: a larger --topology",
 )
-_PLATFORM = flags.DEFINE_enum(
-    "platform", "auto", ["auto", "tpu", "cpu"], "auto: TPU AOT when libtpu is installed, else simulated CPU."
-)
+
+
+def verdict(summary: dict) -> str:
+    """One line: the figure and whether it fits; what to try when it does not."""
+    used = "over" if summary["per_device_gib"] is None else f"{summary['per_device_gib']} GiB"
+    line = (
+        f"{summary['variant']} batch {summary['batch_size']} on {summary['topology']} "
+        f"({summary['compiled_for']}): {used} per device, "
+        f"{'fits' if summary['fits'] else 'does NOT fit'} in {summary['hbm_gib']} GiB HBM"
+    )
+    if not summary["fits"]:
+        line += "\ntry: " + "; ".join(SUGGESTIONS)
+    return line
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when run as a program)."""
+    config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/b16.py.")
+    flags.DEFINE_string("topology", "v5e-256", "Target slice as gcloud names it: v4-128, v5e-256, ...")
+    flags.DEFINE_enum(
+        "platform",
+        "auto",
+        ["auto", "tpu", "cpu"],
+        "auto: TPU AOT when libtpu is installed, else simulated CPU.",
+    )
+    flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    topology = parse_topology(_TOPOLOGY.value)
-    platform = _PLATFORM.value
+        raise cli.UserError(f"unexpected arguments: {argv[1:]} (flags start with --)")
+    topology = parse_topology(flags.FLAGS.topology)
+    platform = flags.FLAGS.platform
     if platform == "auto":
         platform = "tpu" if importlib.util.find_spec("libtpu") else "cpu"
     if platform == "tpu":
@@ -192,15 +239,12 @@ def main(argv):
         print(f"compiling for {topology.chips} simulated CPU devices (no libtpu: memory is XLA:CPU's)")
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", topology.chips)
-    summary = report(_CONFIG.value, topology, platform)
+    summary = report(flags.FLAGS.config, topology, platform)
     print(json.dumps(summary, indent=2))
-    verdict = "fits" if summary["fits"] else "does NOT fit"
-    print(
-        f"{summary['variant']} batch {summary['batch_size']} on {topology.name} ({summary['compiled_for']}): "
-        f"{summary['per_device_gib']} GiB per device, {verdict} in {summary['hbm_gib']} GiB HBM"
-    )
+    print(verdict(summary))
     return 0 if summary["fits"] else 1
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

@@ -27,17 +27,19 @@ import os
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
+
+from clip_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("variant", "ViT-B/32", "model variant (clip_jax.models.clip.VARIANTS)")
-flags.DEFINE_integer("batch", 32, "global batch")
+flags.DEFINE_integer("batch", 32, "global batch", lower_bound=1)
 flags.DEFINE_string("dtype", "float32", "compute dtype: float32 | bfloat16")
 flags.DEFINE_string("loss", "softmax", "config.train.loss")
-flags.DEFINE_integer("accum_steps", 1, "micro-batches per step")
+flags.DEFINE_integer("accum_steps", 1, "micro-batches per step", lower_bound=1)
 flags.DEFINE_string("remat", "none", "none | full | dots")
 flags.DEFINE_bool("scan", False, "nn.scan over blocks")
-flags.DEFINE_integer("steps", 5, "timed steps (after 2 untimed)")
+flags.DEFINE_integer("steps", 5, "timed steps (after 2 untimed)", lower_bound=1)
 flags.DEFINE_bool("torch", False, "also time HF transformers' CLIPModel (PyTorch) on the same work")
 flags.DEFINE_float("flip", 0.0, "also time the step with this share of patches dropped (FLIP)")
 flags.DEFINE_bool("loss_memory", False, "sweep the losses' per-device memory against the global batch")
@@ -241,4 +243,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

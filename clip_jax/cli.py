@@ -34,12 +34,26 @@ def fail(message: str) -> None:
 def _parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's own parse, with a flag mistake (unknown flag or config field, bad value) as one line."""
     try:
-        return flags.FLAGS(list(argv))
+        rest = flags.FLAGS(list(argv))
+        _check_config_files()
+        return rest
     except flags.Error as e:
         fail(f"{e} (--help lists the flags)")
     except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist
         fail(f"a --config.* override names a field the config does not have: {e} (check the spelling)")
     raise AssertionError("unreachable")
+
+
+def _check_config_files() -> None:
+    """ml_collections keeps a --config file's load error (a missing file) for the
+    config's first use, deep inside the command: it ends here instead, naming the flag."""
+    for name, value in flags.FLAGS.flag_values_dict().items():
+        if type(value).__name__ != "_ErrorConfig":
+            continue
+        error = vars(value).get("_error")
+        if error is not None:
+            detail = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+            fail(f"--{name}: {detail}")
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:

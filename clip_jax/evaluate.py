@@ -15,17 +15,16 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import Mesh
 
-from clip_jax import diagnostics, storage, zeroshot_metadata
-from clip_jax.data import pipeline, scenes
+from clip_jax import cli, diagnostics, storage, zeroshot_metadata
+from clip_jax.data import pipeline, records, scenes
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.eval import linear_probe as probe
 from clip_jax.eval import retrieval, sources
@@ -154,7 +153,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command line's flags, defined only when run as a program."""
-    flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+    flags.DEFINE_string(
+        "workdir", None, "A training run's directory (config.json, checkpoints/).", required=True
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
     flags.DEFINE_enum("task", "zeroshot", ["zeroshot", "retrieval", "linear_probe", "scenes"], "")
     flags.DEFINE_string("dataset", None, "TFDS name, folder:ROOT or array_record:GLOB.")
@@ -165,8 +166,8 @@ def define_flags() -> None:
     flags.DEFINE_string("class_names", None, "File of class names, one per line.")
     flags.DEFINE_string("templates", None, "imagenet | imagenet_simple | cifar | FILE (one per line).")
     flags.DEFINE_string("label_key", None, "array_record: record['labels'][KEY] instead of 'label'.")
-    flags.DEFINE_integer("limit", None, "Evaluate at most this many images.")
-    flags.DEFINE_integer("batch_size", 256, "Encoder batch size.")
+    flags.DEFINE_integer("limit", None, "Evaluate at most this many images.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 256, "Encoder batch size.", lower_bound=1)
 
 
 NAMED_TEMPLATES = {
@@ -203,7 +204,7 @@ def class_prompts(dataset: str, found_names) -> list[list[str]]:
     names = sources.read_class_names(FLAGS.class_names) if FLAGS.class_names else None
     names = names or (known[0] if known else None) or found_names
     if not names:
-        raise app.UsageError(f"{dataset}: no class names; pass --class_names=FILE")
+        raise cli.UserError(f"{dataset}: no class names; pass --class_names=FILE")
     templates = FLAGS.templates
     if templates:
         templates = NAMED_TEMPLATES.get(templates) or sources.read_templates(templates)
@@ -215,7 +216,7 @@ def class_prompts(dataset: str, found_names) -> list[list[str]]:
 def caption_retrieval(encoder, tokenizer, pattern: str, image_size: int) -> dict:
     """ArrayRecord records with ``captions`` (list) or ``caption``: every caption a query."""
     images, captions, owner = [], [], []
-    for record in pipeline.read_all(sorted(glob.glob(pattern)))[: FLAGS.limit]:
+    for record in records.read_all(records.expand(pattern, "--dataset=array_record:GLOB"))[: FLAGS.limit]:
         texts = record.get("captions") or [record["caption"]]
         images.append(sources._decode(record["image"], image_size))
         captions += [t.decode() if isinstance(t, bytes) else t for t in texts]
@@ -263,7 +264,7 @@ def run_task(task: str, dataset: str | None, workdir: str) -> dict:
 def main(argv):
     del argv
     if FLAGS.workdir is None or (FLAGS.task != "scenes" and not FLAGS.dataset):
-        raise app.UsageError("--workdir and --dataset are required (--dataset not for --task=scenes)")
+        raise cli.UserError("--workdir and --dataset are required (--dataset not for --task=scenes)")
     results = run_task(FLAGS.task, FLAGS.dataset, FLAGS.workdir)
     if FLAGS.task != "scenes":  # evaluate_scenes prints its own table
         print_table(f"{FLAGS.task} {FLAGS.dataset or ''} (step {results['step']})", results)
@@ -275,4 +276,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 
 from clip_jax import cli, storage, train
 from clip_jax.data import tokenizer as sp_tokenizer
@@ -162,12 +162,12 @@ def export(source: dict[str, Any], fmt: str, out: str) -> dict[str, Any]:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise cli.UserError(f"unexpected arguments: {argv[1:]}")
     if (FLAGS.workdir is None) == (FLAGS.weights is None):
-        raise app.UsageError("give exactly one of --workdir and --weights")
+        raise cli.UserError("give exactly one of --workdir and --weights")
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
     if FLAGS.workdir and FLAGS.weights_overrides:
-        raise app.UsageError("--weights_overrides is for --weights (a run records its config)")
+        raise cli.UserError("--weights_overrides is for --weights (a run records its config)")
     if FLAGS.workdir:
         source = from_workdir(FLAGS.workdir, FLAGS.step)
     else:

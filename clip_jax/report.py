@@ -15,7 +15,6 @@ import html
 import json
 import os
 import re
-import sys
 
 import matplotlib
 
@@ -23,7 +22,7 @@ matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clip_jax import storage  # noqa: E402
+from clip_jax import cli, storage  # noqa: E402
 
 CURVES = (
     ("loss", ("loss",)),
@@ -278,9 +277,11 @@ def build(workdir: str) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        raise SystemExit("usage: python -m clip_jax.report WORKDIR")
+        raise cli.UserError("give the workdir: python -m clip_jax.report WORKDIR")
+    if not storage.isdir(argv[1]):
+        raise cli.UserError(f"{argv[1]}: no such folder (give a training run's workdir)")
     print(f"wrote {build(argv[1])}")
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    cli.run(main)

@@ -36,6 +36,16 @@ from typing import IO, Any
 from etils import epath
 from etils.epath import backend as epath_backend
 
+from clip_jax import cli
+
+
+class BadFileError(cli.UserError, ValueError):
+    """A file that is not what it should be (corrupt JSON, ...); the message names it."""
+
+
+class MissingFileError(cli.UserError, FileNotFoundError):
+    """A file that should be there and is not; the message names it."""
+
 
 def is_remote(path: str | os.PathLike) -> bool:
     """True for URLs (``gs://...``, ``s3://...``), False for local paths."""
@@ -91,7 +101,14 @@ def remove(path: str) -> None:
 
 
 def read_json(path: str) -> Any:
-    return json.loads(read_text(path))
+    """The JSON value in ``path``; `MissingFileError` or `BadFileError` (a file that is not JSON)
+    naming it otherwise."""
+    try:
+        return json.loads(read_text(path))
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadFileError(f"{path}: not valid JSON ({e}); is it the right file, complete?") from None
 
 
 def write_json(path: str, obj: Any, indent: int = 2) -> None:

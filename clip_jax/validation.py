@@ -146,6 +146,7 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """The global batch must split evenly over the batch-sharded devices and the processes."""
     ways = sharding.batch_devices(mesh)
     batch = config.train.batch_size
+    _require(batch >= 1, f"config.train.batch_size={batch} must be >= 1")
     _require(
         batch % ways == 0,
         f"config.train.batch_size={batch} is not divisible by the batch-sharded devices "

@@ -9,15 +9,16 @@ does this itself when its config has a ``data.scenes`` section.
 
 import time
 
-from absl import app, flags
+from absl import flags
 
+from clip_jax import cli
 from clip_jax.data import scenes
 
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 20_000, "Training scenes.")
-_NUM_EVAL = flags.DEFINE_integer("num_eval", 300, "Scenes in each held-out set.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Image side in pixels.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 128, "Tokenizer vocabulary ceiling.")
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 20_000, "Training scenes.", lower_bound=1)
+_NUM_EVAL = flags.DEFINE_integer("num_eval", 300, "Scenes in each held-out set.", lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Image side in pixels.", lower_bound=8)
+_VOCAB = flags.DEFINE_integer("vocab_size", 128, "Tokenizer vocabulary ceiling.", lower_bound=5)
 _SEED = flags.DEFINE_integer("seed", 0, "Generator seed.")
 
 
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

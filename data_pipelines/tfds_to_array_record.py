@@ -10,8 +10,9 @@ Image + caption (``--caption_key``), or image + label (the caption is
 ``--data_dir`` (array_record format). The summary goes to ``OUT_DIR/PREFIX-stats.json``.
 """
 
-from absl import app, flags
+from absl import flags
 
+from clip_jax import cli
 from clip_jax.data import convert
 
 _NAME = flags.DEFINE_string("name", None, "TFDS dataset name.", required=True)
@@ -48,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

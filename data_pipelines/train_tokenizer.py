@@ -10,23 +10,32 @@ path as ``--config.data.tokenizer``. Its vocabulary size becomes the text
 tower's.
 """
 
+import collections
 import itertools
 import time
 
-from absl import app, flags
+from absl import flags
 
-from clip_jax.data import pipeline, records, tokenizer
+from clip_jax import cli
+from clip_jax.data import records, tokenizer
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .txt files or ArrayRecord shards.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write the .model file.", required=True)
-_VOCAB = flags.DEFINE_integer("vocab_size", 32_000, "Vocabulary size (a ceiling for small corpora).")
-_MAX = flags.DEFINE_integer("max_captions", 5_000_000, "Captions to train on at most.")
+_VOCAB = flags.DEFINE_integer(
+    "vocab_size", 32_000, "Vocabulary size (a ceiling for small corpora).", lower_bound=5
+)
+_MAX = flags.DEFINE_integer("max_captions", 5_000_000, "Captions to train on at most.", lower_bound=1)
 
 
-def captions(files):
+def captions(files, skipped: collections.Counter):
+    """Caption strings of .txt files (one a line) and shards; corrupt records skipped and counted."""
     for path in files:
         if path.endswith(".array_record"):
-            yield from (r["caption"] for r in pipeline.read_all([path]))
+            for _, record in records.read_shard(path, skipped):
+                if isinstance(record.get("caption"), str):
+                    yield record["caption"]
+                else:
+                    skipped["missing_caption"] += 1
         else:
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield from (line.rstrip("\n") for line in f if line.strip())
@@ -36,13 +45,15 @@ def main(argv):
     del argv
     files = records.expand(_INPUT.value, "--input")
     start = time.perf_counter()
-    corpus = itertools.islice(captions(files), _MAX.value)
+    skipped = collections.Counter()
+    corpus = itertools.islice(captions(files, skipped), _MAX.value)
     tokenizer.train_sentencepiece(corpus, _OUT.value, _VOCAB.value)
     tok = tokenizer.Tokenizer(_OUT.value, context_length=77)
     print(
         f"{_OUT.value}: {tok.vocab_size} pieces from {len(files)} files in {time.perf_counter() - start:.1f}s"
+        f"; skipped {sum(skipped.values())} records {dict(skipped)}"
     )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

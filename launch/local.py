@@ -8,12 +8,16 @@ Each process gets its own CPU devices and the coordinator flags of
 others are stopped and the exit code is non-zero.
 """
 
-import argparse
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+
+from absl import flags
+
+from clip_jax import cli
 
 
 def free_port() -> int:
@@ -22,18 +26,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--num_processes", type=int, default=2)
-    parser.add_argument("--devices_per_process", type=int, default=2)
-    parser.add_argument("main_args", nargs=argparse.REMAINDER, help="-- then clip_jax.main's flags")
-    args = parser.parse_args()
-    main_args = [a for a in args.main_args if a != "--"]
+def define_flags() -> None:
+    """The launcher's flags (defined only when run as a program)."""
+    flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
+    flags.DEFINE_integer("devices_per_process", 2, "CPU devices of each process.", lower_bound=1)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``argv``: what absl left, [program, *clip_jax.main's flags (after --)]."""
+    main_args = list(argv[1:])
+    if not any(a.startswith("--config") for a in main_args):
+        raise cli.UserError("give clip_jax.main's flags after '--', at least --config and --workdir")
+    num_processes, devices = flags.FLAGS.num_processes, flags.FLAGS.devices_per_process
     address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices_per_process}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     procs = [
         subprocess.Popen(
             [
@@ -42,12 +49,12 @@ def main() -> int:
                 "clip_jax.main",
                 *main_args,
                 f"--coordinator_address={address}",
-                f"--num_processes={args.num_processes}",
+                f"--num_processes={num_processes}",
                 f"--process_id={i}",
             ],
             env=env,
         )  # fmt: skip
-        for i in range(args.num_processes)
+        for i in range(num_processes)
     ]
     while True:
         codes = [p.poll() for p in procs]
@@ -62,4 +69,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    cli.run(main)

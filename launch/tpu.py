@@ -17,26 +17,37 @@ train, stop, logs, watch, run (= create + setup + train + watch), delete.
   and clip_jax writes the rest through gcsfs (the ``tpu`` extra installs it).
   Other ``gs://`` paths in the training flags (ArrayRecord data, which reads
   local files only) are mounted with gcsfuse at /gcs/BUCKET on every worker and
-  passed as /gcs/BUCKET/.... ``--no_gcsfuse`` passes every path as is.
+  passed as /gcs/BUCKET/.... ``--nogcsfuse`` passes every path as is.
 - ``watch`` polls the slice's state (``describe --format=value(state)``). PREEMPTED
   (TPU VM) or SUSPENDED/FAILED (queued resource) -> delete, recreate, set up and
   start again: the run resumes from its latest checkpoint in the workdir. A
   training process that exits non-zero on a healthy slice is restarted as is,
   after what is left of it on the other workers is stopped (SIGTERM, then SIGKILL).
   Both count against ``--max_restarts``.
+- Only gcloud's own NOT_FOUND answer means the slice is gone: any other failed query
+  (network, auth, quota) is retried with exponential backoff (``--backoff_s``, doubling)
+  and never deletes anything. A relaunch whose create fails (no spot capacity) is tried
+  again after a backoff, each try counting against ``--max_restarts``.
+- The flags are checked before anything is created: a multi-host slice (more than 8
+  chips or cores in the name) needs a shared gs:// workdir.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import os
 import pathlib
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+
+from absl import flags
+
+from clip_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,12 +71,14 @@ CODE_DIR, VENV, LOG, RC, PID = (
     "~/clip_train.rc",
     "~/clip_train.pid",
 )
-ARCHIVE = "/tmp/clip_jax_src.tar.gz"
 
 PREEMPTED_STATES = {"PREEMPTED", "SUSPENDED", "SUSPENDING", "FAILED", "TERMINATED"}
 HEALTHY_STATES = {"READY", "ACTIVE"}
 
-Runner = Callable[[Sequence[str]], tuple[int, str]]  # command -> (exit code, stdout)
+Runner = Callable[[Sequence[str]], tuple]  # command -> (exit code, stdout) or (exit code, stdout, stderr)
+# gcloud's own answer for a slice that does not exist (any other failure is a failed query).
+NOT_FOUND = re.compile(r"\bNOT_FOUND\b|was not found|\b404\b")
+UNKNOWN = "UNKNOWN"  # the state query failed: nothing is decided on it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,17 +128,8 @@ def describe_command(s: Slice) -> list[str]:
 
 def delete_command(s: Slice) -> list[str]:
     if s.queued:  # --force: the TPU VM goes with its queued resource
-        return [
-            "gcloud",
-            "compute",
-            "tpus",
-            "queued-resources",
-            "delete",
-            s.name,
-            *s.common(),
-            "--force",
-            "--quiet",
-        ]
+        return ["gcloud", "compute", "tpus", "queued-resources", "delete", s.name, *s.common(), "--force",
+                "--quiet"]  # fmt: skip
     return ["gcloud", "compute", "tpus", "tpu-vm", "delete", s.name, *s.common(), "--quiet"]
 
 
@@ -135,17 +139,8 @@ def ssh_command(s: Slice, command: str, worker: str = "all") -> list[str]:
 
 
 def scp_command(s: Slice, local: str, remote: str) -> list[str]:
-    return [
-        "gcloud",
-        "compute",
-        "tpus",
-        "tpu-vm",
-        "scp",
-        local,
-        f"{s.name}:{remote}",
-        *s.common(),
-        "--worker=all",
-    ]
+    return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local, f"{s.name}:{remote}", *s.common(),
+            "--worker=all"]  # fmt: skip
 
 
 # Flags whose gs:// paths clip_jax opens itself (orbax/tensorstore and gcsfs): not mounted.
@@ -173,14 +168,15 @@ def to_mounted(args: Sequence[str]) -> list[str]:
     return [a if n else re.sub(r"gs://", "/gcs/", a) for a, n in zip(args, native, strict=True)]
 
 
-def setup_script(source: str, bucket_names: Sequence[str]) -> str:
+def setup_script(source: str, bucket_names: Sequence[str], archive: str = "") -> str:
     """The shell run on every worker: code, Python 3.11 venv, the package with its TPU extra, mounts."""
     if source.startswith("git:"):
         url, _, ref = source[4:].partition("@")
         code = f"rm -rf {CODE_DIR} && git clone {shlex.quote(url)} {CODE_DIR}"
         code += f" && git -C {CODE_DIR} checkout {shlex.quote(ref)}" if ref else ""
     else:
-        code = f"rm -rf {CODE_DIR} && mkdir -p {CODE_DIR} && tar xzf {ARCHIVE} -C {CODE_DIR}"
+        code = f"rm -rf {CODE_DIR} && mkdir -p {CODE_DIR} && tar xzf {archive} -C {CODE_DIR}"
+        code += f" && rm -f {archive}"
     steps = [
         "set -e",
         code,
@@ -230,47 +226,83 @@ def train_script(main_args: Sequence[str]) -> str:
     )
 
 
-def subprocess_runner(cmd: Sequence[str]) -> tuple[int, str]:
+class GcloudError(RuntimeError):
+    """A gcloud (or git) command that failed; ``stderr`` holds its own explanation."""
+
+    def __init__(self, cmd: Sequence[str], code: int, stderr: str = ""):
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        super().__init__(f"exit code {code}: {shlex.join(cmd)}" + (f" ({detail})" if detail else ""))
+        self.stderr = stderr
+
+
+def subprocess_runner(cmd: Sequence[str]) -> tuple[int, str, str]:
     print("+", shlex.join(cmd), flush=True)
-    proc = subprocess.run(list(cmd), stdout=subprocess.PIPE, text=True)
-    return proc.returncode, proc.stdout
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    sys.stderr.write(proc.stderr)  # gcloud's progress and errors, as the user would see them
+    return proc.returncode, proc.stdout, proc.stderr
 
 
-def dry_runner(cmd: Sequence[str]) -> tuple[int, str]:
+def dry_runner(cmd: Sequence[str]) -> tuple[int, str, str]:
     print(shlex.join(cmd), flush=True)
-    return 0, ""
+    return 0, "", ""
+
+
+def _call(runner: Runner, cmd: Sequence[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of any runner (a test's may leave stderr out)."""
+    code, out, *err = runner(cmd)
+    return code, out, err[0] if err else ""
 
 
 class Launcher:
-    """The steps of a run on one slice; every gcloud call goes through ``runner``."""
+    """The steps of a run on one slice; every gcloud call goes through ``runner``.
+
+    Failures are retried with exponential backoff (``backoff_s``, doubling up to
+    ``max_backoff_s``): a failed state query is never read as a lost slice, and a relaunch
+    whose create fails (no capacity) is tried again, each try counting against ``max_restarts``.
+    """
 
     def __init__(self, slice_: Slice, main_args: Sequence[str], *, runner: Runner = subprocess_runner,
                  source: str = "copy", gcsfuse: bool = True, poll_s: float = 60.0, max_restarts: int = 100,
-                 sleep: Callable[[float], None] = time.sleep):  # fmt: skip
+                 sleep: Callable[[float], None] = time.sleep, query_tries: int = 5, backoff_s: float = 10.0,
+                 max_backoff_s: float = 1800.0):  # fmt: skip
         self.slice, self.runner, self.source, self.poll_s = slice_, runner, source, poll_s
         self.buckets = buckets(main_args) if gcsfuse else []
         self.main_args = to_mounted(main_args) if gcsfuse else list(main_args)
-        self.max_restarts, self.sleep = max_restarts, sleep
+        self.max_restarts, self.sleep, self.query_tries = max_restarts, sleep, query_tries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.restarts = 0
 
     def _run(self, cmd: Sequence[str]) -> str:
-        code, out = self.runner(cmd)
+        code, out, err = _call(self.runner, cmd)
         if code:
-            raise RuntimeError(f"exit code {code}: {shlex.join(cmd)}")
+            raise GcloudError(cmd, code, err)
         return out
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds to wait before try ``attempt + 1`` (attempt 0, 1, 2, ...: 1x, 2x, 4x, ...)."""
+        return min(self.backoff_s * 2**attempt, self.max_backoff_s)
 
     def create(self) -> None:
         self._run(create_command(self.slice))
         if self.slice.queued:  # a queued resource waits for capacity: until ACTIVE
             while (state := self.state()) != "ACTIVE":
-                if state in ("FAILED", "SUSPENDED"):
-                    raise RuntimeError(f"queued resource {self.slice.name} is {state}")
+                if state in ("FAILED", "SUSPENDED", "NOT_FOUND"):
+                    raise GcloudError(describe_command(self.slice), 1, f"queued resource is {state}")
                 self.sleep(self.poll_s)
 
     def setup(self) -> None:
-        if not self.source.startswith("git:"):
-            self._run(["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={ARCHIVE}", "HEAD"])
-            self._run(scp_command(self.slice, ARCHIVE, ARCHIVE))
-        self._run(ssh_command(self.slice, setup_script(self.source, self.buckets)))
+        if self.source.startswith("git:"):
+            self._run(ssh_command(self.slice, setup_script(self.source, self.buckets)))
+            return
+        # A name of its own: two launches from this machine never share (or clobber) an archive.
+        fd, archive = tempfile.mkstemp(prefix="clip_jax_src_", suffix=".tar.gz")
+        os.close(fd)
+        try:
+            self._run(["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={archive}", "HEAD"])
+            self._run(scp_command(self.slice, archive, archive))
+            self._run(ssh_command(self.slice, setup_script(self.source, self.buckets, archive)))
+        finally:
+            os.remove(archive)
 
     def train(self) -> None:
         self._run(ssh_command(self.slice, train_script(self.main_args)))
@@ -280,115 +312,174 @@ class Launcher:
         self._run(ssh_command(self.slice, stop_script()))
 
     def delete(self) -> None:
-        self.runner(delete_command(self.slice))  # may already be gone
+        _call(self.runner, delete_command(self.slice))  # may already be gone
 
     def state(self) -> str:
-        code, out = self.runner(describe_command(self.slice))
-        return out.strip() if code == 0 else "NOT_FOUND"
+        """The slice's state; "NOT_FOUND" only when gcloud says so, `UNKNOWN` when every query failed."""
+        for attempt in range(self.query_tries):
+            code, out, err = _call(self.runner, describe_command(self.slice))
+            if code == 0:
+                return out.strip() or UNKNOWN
+            if NOT_FOUND.search(err):
+                return "NOT_FOUND"
+            if attempt + 1 < self.query_tries:
+                wait = self._backoff(attempt)
+                print(f"state query failed (exit code {code}); again in {wait:.0f}s", flush=True)
+                self.sleep(wait)
+        return UNKNOWN
 
     def exit_code(self) -> int | None:
-        """Worker 0's training exit code, None while it runs."""
-        _, out = self.runner(ssh_command(self.slice, f"cat {RC} 2>/dev/null || echo running", worker="0"))
-        out = out.strip().splitlines()[-1] if out.strip() else "running"
-        return None if out == "running" else int(out)
+        """Worker 0's training exit code; None while it runs or when the query fails."""
+        code, out, _ = _call(self.runner, ssh_command(self.slice, f"cat {RC} 2>/dev/null || echo running",
+                                                      worker="0"))  # fmt: skip
+        last = out.strip().splitlines()[-1].strip() if out.strip() else ""
+        return int(last) if code == 0 and re.fullmatch(r"-?\d+", last) else None
+
+    def relaunch(self, why: str, fresh_slice: bool) -> bool:
+        """Starts training again (on a new slice when ``fresh_slice``), retrying failed tries with
+        backoff; each try counts against ``max_restarts``. False when none is left."""
+        for attempt in range(self.max_restarts + 1):
+            if self.restarts >= self.max_restarts:
+                print(f"{why}; {self.restarts} restarts used (--max_restarts), giving up", flush=True)
+                return False
+            self.restarts += 1
+            print(f"{why}: restart {self.restarts} (resumes from the workdir)", flush=True)
+            try:
+                if fresh_slice:
+                    self.delete()
+                    self.create()
+                    self.setup()
+                else:
+                    self.stop()  # the other workers' processes may still be alive
+                self.train()
+                return True
+            except GcloudError as e:  # no capacity, a network error, ...: try again later
+                wait = self._backoff(attempt)
+                print(f"restart {self.restarts} failed: {e}; next try in {wait:.0f}s", flush=True)
+                self.sleep(wait)
+        return False
 
     def watch(self) -> int:
         """Polls until training ends; recreates the slice on preemption. The final exit code."""
-        restarts = 0
         while True:
             self.sleep(self.poll_s)
             state = self.state()
             if state in PREEMPTED_STATES or state == "NOT_FOUND":
-                if restarts >= self.max_restarts:
-                    print(f"{self.slice.name} is {state}; {restarts} restarts used, giving up", flush=True)
+                if not self.relaunch(f"{self.slice.name} is {state}", fresh_slice=True):
                     return 1
-                restarts += 1
-                print(
-                    f"{self.slice.name} is {state}: relaunch {restarts} (resumes from the workdir)",
-                    flush=True,
-                )
-                self.delete()
-                self.create()
-                self.setup()
-                self.train()
             elif state in HEALTHY_STATES:
                 code = self.exit_code()
                 if code == 0:
                     print("training finished", flush=True)
                     return 0
-                if code is not None:
-                    if restarts >= self.max_restarts:
-                        return code
-                    restarts += 1
-                    print(f"training exited {code} on a {state} slice: restart {restarts}", flush=True)
-                    self.stop()  # the other workers' processes may still be alive
-                    self.train()
-            # CREATING, REPAIRING, PROVISIONING, ...: wait.
+                if code is not None and not self.relaunch(f"training exited {code} on a {state} slice",
+                                                          fresh_slice=False):  # fmt: skip
+                    return code
+            # UNKNOWN (the query failed), CREATING, REPAIRING, PROVISIONING, ...: wait.
 
     def run(self) -> int:
-        self.create()
-        self.setup()
-        self.train()
+        try:
+            self.create()
+            self.setup()
+            self.train()
+        except GcloudError as e:  # no capacity now: keep trying, as after a preemption
+            if not self.relaunch(f"the first launch failed ({e})", fresh_slice=True):
+                return 1
         return self.watch()
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    actions = ["create", "setup", "train", "stop", "logs", "watch", "run", "delete"]
-    parser.add_argument("action", choices=actions)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--zone", required=True)
-    parser.add_argument(
-        "--accelerator", default="v5e-256", help="v4-128, v5e-256 (= v5litepod-256), v5p-128, v6e-64"
-    )
-    parser.add_argument("--project")
-    parser.add_argument("--runtime_version", help=f"default per generation: {RUNTIME_VERSIONS}")
-    parser.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
-    parser.add_argument("--queued", action="store_true", help="a queued resource: waits for capacity")
-    parser.add_argument("--source", default="copy", help="copy (git archive of HEAD) or git:URL[@REF]")
-    parser.add_argument("--no_gcsfuse", action="store_true", help="pass gs:// paths through unmounted")
-    parser.add_argument("--poll_s", type=float, default=60.0)
-    parser.add_argument("--max_restarts", type=int, default=100)
-    parser.add_argument("--dry_run", action="store_true", help="print the gcloud commands, run nothing")
-    argv = list(argv)
-    cut = argv.index("--") if "--" in argv else len(argv)  # after "--": clip_jax.main's flags
-    args = parser.parse_args(argv[:cut])
-    args.main_args = argv[cut + 1 :]
-    return args
+ACTIONS = ("create", "setup", "train", "stop", "logs", "watch", "run", "delete")
 
 
-def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    slice_ = Slice(
-        args.name, args.zone, args.accelerator, args.project, args.runtime_version, args.spot, args.queued
-    )
-    runner = runner or (dry_runner if args.dry_run else subprocess_runner)
-    launcher = Launcher(
-        slice_,
-        args.main_args,
-        runner=runner,
-        source=args.source,
-        gcsfuse=not args.no_gcsfuse,
-        poll_s=args.poll_s,
-        max_restarts=args.max_restarts,
-    )
-    if args.dry_run and args.action in ("run", "watch"):
+def define_flags(fv: flags.FlagValues) -> None:
+    """The launcher's flags, on ``fv`` (absl's global FLAGS when run as a program)."""
+    flags.DEFINE_string("name", None, "TPU VM (and queued resource) name.", required=True, flag_values=fv)
+    flags.DEFINE_string("zone", None, "e.g. us-west4-a.", required=True, flag_values=fv)
+    flags.DEFINE_string("accelerator", "v5e-256", "v4-128, v5e-256 (= v5litepod-256), v5p-128, v6e-64",
+                        flag_values=fv)  # fmt: skip
+    flags.DEFINE_string("project", None, "Google Cloud project (default: gcloud's).", flag_values=fv)
+    flags.DEFINE_string("runtime_version", None, f"Default: {RUNTIME_VERSIONS}", flag_values=fv)
+    flags.DEFINE_bool("spot", False, "Spot (preemptible) capacity.", flag_values=fv)
+    flags.DEFINE_bool("queued", False, "A queued resource: waits for capacity.", flag_values=fv)
+    flags.DEFINE_string("source", "copy", "copy (git archive of HEAD) or git:URL[@REF].", flag_values=fv)
+    flags.DEFINE_bool("gcsfuse", True, "Mount the data buckets (--nogcsfuse: pass gs:// paths as is).",
+                      flag_values=fv)  # fmt: skip
+    flags.DEFINE_float("poll_s", 60.0, "Seconds between state polls.", flag_values=fv)
+    flags.DEFINE_integer("max_restarts", 100, "Relaunches and restarts (failed tries included) at most.",
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_float("backoff_s", 30.0, "First wait after a failed query or relaunch (doubles).",
+                       flag_values=fv)  # fmt: skip
+    flags.DEFINE_bool("dry_run", False, "Print the gcloud commands, run nothing.", flag_values=fv)
+
+
+def _multi_host(accelerator: str) -> bool:
+    """More than one TPU VM: every generation's ``-8`` (or smaller) is one host."""
+    return int(accelerator.rsplit("-", 1)[1]) > 8
+
+
+def _flag_value(args: Sequence[str], name: str) -> str | None:
+    """The value of ``--name=V`` or ``--name V`` in clip_jax.main's flags."""
+    for i, a in enumerate(args):
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+        if a == f"--{name}" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def validate(fv: flags.FlagValues, action: str, main_args: Sequence[str]) -> Slice:
+    """The slice the flags describe; a mistake raises `cli.UserError` before anything is created."""
+    if action not in ACTIONS:
+        raise cli.UserError(f"the first argument is the action, one of {', '.join(ACTIONS)} (got {action!r})")
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", fv.name):
+        raise cli.UserError(f"--name={fv.name!r}: lowercase letters, digits and '-', starting with a letter")
+    slice_ = Slice(fv.name, fv.zone, fv.accelerator, fv.project, fv.runtime_version, fv.spot, fv.queued)
+    try:
+        _ = slice_.generation
+    except ValueError as e:
+        raise cli.UserError(str(e)) from None
+    if fv.max_restarts < 0 or fv.poll_s <= 0 or fv.backoff_s < 0:
+        raise cli.UserError("--max_restarts must be >= 0, --poll_s > 0 and --backoff_s >= 0")
+    if fv.source != "copy" and not fv.source.startswith("git:"):
+        raise cli.UserError(f"--source={fv.source!r}: use copy or git:URL[@REF]")
+    if action in ("train", "run"):
+        for name in ("config", "workdir"):
+            if not _flag_value(main_args, name):
+                raise cli.UserError(f"give clip_jax.main's --{name} after '--' (see --help)")
+        workdir = _flag_value(main_args, "workdir")
+        if _multi_host(fv.accelerator) and not workdir.startswith("gs://"):
+            raise cli.UserError(
+                f"--workdir={workdir}: a {fv.accelerator} slice has several hosts, each with its own "
+                "disk; give a shared gs://BUCKET/PATH"
+            )
+    return slice_
+
+
+def main(argv: Sequence[str], runner: Runner | None = None, fv: flags.FlagValues = flags.FLAGS) -> int:
+    """``argv``: what absl left after the flags, [program, action, *clip_jax.main's flags]."""
+    if len(argv) < 2:
+        raise cli.UserError(f"give the action first, one of {', '.join(ACTIONS)} (see --help)")
+    action, main_args = argv[1], list(argv[2:])
+    slice_ = validate(fv, action, main_args)
+    runner = runner or (dry_runner if fv.dry_run else subprocess_runner)
+    launcher = Launcher(slice_, main_args, runner=runner, source=fv.source, gcsfuse=fv.gcsfuse,
+                        poll_s=fv.poll_s, max_restarts=fv.max_restarts, backoff_s=fv.backoff_s)  # fmt: skip
+    if fv.dry_run and action in ("run", "watch"):
         # Nothing to poll: the commands of one launch and of one watch cycle.
         runner(create_command(slice_))
-        if args.action == "run":
+        if action == "run":
             launcher.setup()
             launcher.train()
         runner(describe_command(slice_))
         launcher.exit_code()
         return 0
-    if args.action == "logs":
-        return runner(ssh_command(slice_, f"tail -n 200 -F {LOG}", worker="0"))[0]
-    if args.action == "delete":
-        return runner(delete_command(slice_))[0]
-    return getattr(launcher, args.action)() or 0
+    if action == "logs":
+        return _call(runner, ssh_command(slice_, f"tail -n 200 -F {LOG}", worker="0"))[0]
+    if action == "delete":
+        return _call(runner, delete_command(slice_))[0]
+    return getattr(launcher, action)() or 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags(flags.FLAGS)
+    cli.run(main)

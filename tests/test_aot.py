@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 from conftest import load_config
 
@@ -62,3 +63,34 @@ def test_tpu_aot_for_a_v5e_8_slice_without_a_tpu():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"compiled_for": "TPU (libtpu AOT)"' in proc.stdout and "fits in 16 GiB HBM" in proc.stdout
+
+
+OOM = (
+    "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+    "Used 17.30G of 15.75G hbm. Exceeded hbm capacity by 1.55G."
+)
+
+
+def test_xla_refusing_to_compile_for_lack_of_hbm_is_a_does_not_fit_answer(monkeypatch):
+    """What libtpu says for ViT-L/14 at batch 32k on v5e-256 (17.3 GB of temporaries, 15.75 GB HBM)."""
+
+    def compile_step(config, devices):
+        aot.abstract_inputs(config, devices)  # the shapes and shardings are still checked
+        raise jax.errors.JaxRuntimeError(OOM)
+
+    monkeypatch.setattr(aot, "compile_step", compile_step)
+    summary = aot.report(tiny_config(32), aot.parse_topology("v5e-8"), "cpu")
+    assert summary["fits"] is False and summary["memory"] is None
+    assert summary["per_device_gib"] == 17.3 and summary["compile_error"].startswith("RESOURCE_EXHAUSTED")
+    line = aot.verdict(summary)
+    assert "17.3 GiB per device, does NOT fit in 16 GiB HBM" in line
+    assert "--config.model.remat=full" in line and "batch_size" in line and "--topology" in line
+
+
+def test_other_compile_errors_are_not_read_as_out_of_memory(monkeypatch):
+    def compile_step(config, devices):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(aot, "compile_step", compile_step)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        aot.report(tiny_config(32), aot.parse_topology("v5e-8"), "cpu")

@@ -9,6 +9,9 @@ import sys
 import time
 
 import pytest
+from absl import flags
+
+from clip_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("launch_tpu", ROOT / "launch" / "tpu.py")
@@ -25,8 +28,15 @@ MAIN_ARGS = [
 SLICE = ["--name=clip-b16", "--zone=us-west4-a", "--accelerator=v5e-256", "--spot"]
 
 
+def launch_cli(args, runner=None):
+    """tpu.py's command line on flags of its own (absl parses them as when run as a program)."""
+    fv = flags.FlagValues()
+    tpu.define_flags(fv)
+    return tpu.main(fv(["tpu.py", *args]), runner=runner, fv=fv)
+
+
 def test_dry_run_of_a_v5e_256_spot_launch_prints_the_gcloud_commands(capsys):
-    assert tpu.main(["run", "--dry_run", *SLICE, "--", *MAIN_ARGS]) == 0
+    assert launch_cli(["run", "--dry_run", *SLICE, "--", *MAIN_ARGS]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     commands = [shlex.split(line) for line in lines]
     create = commands[0]
@@ -155,3 +165,94 @@ def test_the_workdir_stays_on_gcs_and_only_data_buckets_are_mounted():
     ]
     assert tpu.buckets(args) == ["data-bucket"]
     assert tpu.buckets(["--workdir=gs://runs-bucket/b16"]) == []
+
+
+class FlakyGcloud(FakeGcloud):
+    """FakeGcloud whose listed calls fail first: ``fail={"describe": [stderr, ...], "create": [...]}``
+    pops one scripted failure per matching call, then answers as FakeGcloud."""
+
+    def __init__(self, states, exit_codes, fail):
+        super().__init__(states, exit_codes)
+        self.fail = {k: list(v) for k, v in fail.items()}
+
+    def __call__(self, cmd):
+        for word, errors in self.fail.items():
+            if word in cmd and errors:
+                self.calls.append(list(cmd))
+                return 1, "", errors.pop(0)
+        return super().__call__(cmd)
+
+
+def test_a_failed_state_query_on_a_training_slice_deletes_nothing():
+    # describe fails (a network error, an expired token) while the slice is READY and training.
+    fake = FlakyGcloud(
+        states=["READY", "READY"],
+        exit_codes=["running", "0"],
+        fail={"describe": ["ERROR: (gcloud.compute.tpus.tpu-vm.describe) There was a problem refreshing "
+                           "your current auth tokens: Connection reset by peer"]},
+    )  # fmt: skip
+    sleeps = []
+    s = tpu.Slice("clip", "z", "v5e-256", spot=True)
+    assert tpu.Launcher(s, MAIN_ARGS, runner=fake, sleep=sleeps.append, backoff_s=7).watch() == 0
+    assert fake.count("delete") == 0 and fake.count("create") == 0
+    assert fake.count("describe") == 3  # the failed query was retried after a backoff
+    assert 7 in sleeps
+
+
+def test_gcloud_not_found_is_the_only_answer_that_means_the_slice_is_gone():
+    gone = "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource 'nodes/clip' was not found"
+    fake = FlakyGcloud(states=["READY"], exit_codes=["0"], fail={"describe": [gone]})
+    s = tpu.Slice("clip", "z", "v5e-256", spot=True)
+    assert tpu.Launcher(s, MAIN_ARGS, runner=fake, sleep=lambda _: None).watch() == 0
+    assert fake.count("tpu-vm", "delete") == 1 and fake.count("tpu-vm", "create") == 1
+
+
+def test_a_relaunch_keeps_trying_through_capacity_errors_with_backoff():
+    no_capacity = "ERROR: (gcloud.compute.tpus.tpu-vm.create) RESOURCE_EXHAUSTED: There is no more capacity"
+    fake = FlakyGcloud(
+        states=["PREEMPTED", "READY", "READY"],
+        exit_codes=["running", "0"],
+        fail={"create": [no_capacity, no_capacity]},
+    )
+    sleeps = []
+    s = tpu.Slice("clip", "z", "v5e-256", spot=True)
+    launcher = tpu.Launcher(s, MAIN_ARGS, runner=fake, sleep=sleeps.append, poll_s=1, backoff_s=5,
+                            max_restarts=3)  # fmt: skip
+    assert launcher.watch() == 0
+    assert fake.count("tpu-vm", "create") == 3 and launcher.restarts == 3
+    trains = [c for c in fake.calls if any("clip_jax.main --multihost" in a for a in c)]
+    assert len(trains) == 1
+    assert [t for t in sleeps if t != 1] == [5, 10]  # exponential backoff between the tries
+
+
+def test_capacity_errors_beyond_max_restarts_give_up():
+    no_capacity = "ERROR: RESOURCE_EXHAUSTED: no capacity"
+    fake = FlakyGcloud(states=["PREEMPTED"], exit_codes=[], fail={"create": [no_capacity] * 3})
+    s = tpu.Slice("clip", "z", "v5e-256", spot=True)
+    assert tpu.Launcher(s, MAIN_ARGS, runner=fake, sleep=lambda _: None, max_restarts=2).watch() == 1
+    assert fake.count("tpu-vm", "create") == 2
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["run", *SLICE, "--", "--config=configs/b16.py", "--workdir=/tmp/run"], "--workdir=/tmp/run"),
+        (["run", *SLICE, "--", "--workdir=gs://b/r"], "--config"),
+        (["run", "--name=x", "--zone=z", "--accelerator=v3-8"], "--accelerator"),
+        (["watch", *SLICE, "--max_restarts=-1"], "--max_restarts"),
+        (["fly", *SLICE], "action"),
+        (["run", "--name=Bad_Name", "--zone=z"], "--name"),
+    ],
+)
+def test_flag_mistakes_are_refused_before_anything_is_created(args, names):
+    fake = FakeGcloud(states=[], exit_codes=[])
+    with pytest.raises(cli.UserError, match=names):
+        launch_cli(args, runner=fake)
+    assert fake.calls == []
+
+
+def test_a_single_host_slice_may_use_a_local_workdir():
+    fake = FakeGcloud(states=[], exit_codes=[])
+    args = ["train", "--name=x", "--zone=z", "--accelerator=v5e-8", "--", "--config=c.py", "--workdir=/tmp/r"]
+    assert launch_cli(args, runner=fake) == 0
+    assert fake.count("ssh") == 1

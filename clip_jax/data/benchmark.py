@@ -25,9 +25,10 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
+from clip_jax import cli
 from clip_jax.data import pipeline, records, skips, tokenizer, transforms, webdataset
 
 _ARRAY_RECORD = flags.DEFINE_string("array_record", None, "Glob of ArrayRecord shards.")
@@ -130,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,9 +19,10 @@ import zlib
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from clip_jax import cli
 from clip_jax.data import convert, pipeline, records, tokenizer
 
 
@@ -104,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

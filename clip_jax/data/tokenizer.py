@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from clip_jax import storage
+from clip_jax import cli, storage
 from clip_jax.data import records
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -24,15 +24,19 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHARS_PER_TOKEN = 16
 
 
+class TokenizerFileError(cli.UserError, ValueError):
+    """A tokenizer file that is missing or not a usable sentencepiece model; names the file."""
+
+
 class Tokenizer:
     """Callable: list of captions -> [N, context_length] int32."""
 
     def __init__(self, model_path: str, context_length: int):
         self.model_path = model_path
         self.context_length = context_length
-        self._sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(model_path))
+        self._sp = load_sentencepiece(model_path)
         if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID or self._sp.bos_id() != BOS_ID:
-            raise ValueError(
+            raise TokenizerFileError(
                 f"tokenizer {model_path} must use pad=0, unk=1, bos=2, eos=3 "
                 "(train it with data_pipelines/train_tokenizer.py)"
             )
@@ -55,6 +59,22 @@ class Tokenizer:
 
     def __setstate__(self, state):
         self.__init__(**state)
+
+
+def load_sentencepiece(model_path: str) -> spm.SentencePieceProcessor:
+    """The sentencepiece model in ``model_path``; `TokenizerFileError` naming it when it is
+    missing or not a model (a text file, a truncated download)."""
+    try:
+        data = storage.read_bytes(model_path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise TokenizerFileError(f"tokenizer {model_path}: {e.strerror or 'no such file'}") from None
+    try:
+        return spm.SentencePieceProcessor(model_proto=data)
+    except RuntimeError:  # sentencepiece's only answer to bytes that do not parse as a model
+        raise TokenizerFileError(
+            f"tokenizer {model_path} is not a sentencepiece model; give a .model file "
+            "(data_pipelines/train_tokenizer.py makes one) or a CLIP vocab.json"
+        ) from None
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int) -> str:

@@ -10,12 +10,11 @@ ImageFolder), or ArrayRecord shards whose records carry ``label`` (or
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
 
-from clip_jax.data import pipeline, skips, transforms
+from clip_jax.data import records, skips, transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -54,14 +53,15 @@ def array_record(
 ) -> dict:
     """ArrayRecord shards (glob) with integer labels: ``record["label"]``, or
     ``record["labels"][label_key]`` when ``label_key`` is given. Class names are unknown (None)."""
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"{pattern}: no files")
+    files = records.expand(pattern, "array_record")
     images, labels = [], []
-    for record in pipeline.read_all(files)[:limit]:
+    for record in records.read_all(files)[:limit]:
         label = record.get("label") if label_key is None else record.get("labels", {}).get(label_key)
         if label is None:
-            raise ValueError(f"record {record.get('key')!r} has no label ({label_key or 'label'})")
+            raise records.ShardError(
+                f"{pattern}: record {record.get('key')!r} has no label ({label_key or 'label'}); "
+                "give --label_key or --task=retrieval"
+            )
         try:
             images.append(_decode(record["image"], image_size))
         except (skips.BadRecord, OSError, ValueError):

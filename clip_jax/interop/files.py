@@ -2,7 +2,8 @@
 
 Formats (all float32 safetensors):
 
-- ``hf``: a transformers ``CLIPModel`` directory, ``config.json`` + ``model.safetensors``.
+- ``hf``: a transformers ``CLIPModel`` directory, ``config.json`` + ``model.safetensors``
+  (a ``SiglipModel`` for SigLIP towers; on load, by ``config.json``'s ``model_type``).
 - ``open_clip``: ``open_clip_model.safetensors``, OpenAI's state-dict names.
 - ``params``: ``params.safetensors`` with clip_jax's own '/'-joined parameter paths,
   and ``clip_config.json`` (the `CLIPConfig`), for inference with clip_jax.
@@ -25,7 +26,8 @@ import numpy as np
 import safetensors.numpy
 
 from clip_jax import storage
-from clip_jax.interop import hf, mapping, openai
+from clip_jax.interop import hf, hf_siglip, mapping, openai
+from clip_jax.models import shapes
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.resnet import ResNetConfig
 from clip_jax.models.text import TextConfig
@@ -65,11 +67,15 @@ def external_tensors(
     if fmt == "params":
         flat = mapping.flatten(mapping.stack_free(params))
         return {k: mapping.contiguous(flat[k]) for k in progress(sorted(flat))}
+    if fmt == "hf" and hf_siglip.is_siglip(config):  # transformers' SiglipModel
+        return mapping.to_external(params, progress(hf_siglip.tensor_maps(config)))
     if fmt == "hf":
         if _has_bias(params):  # HF's CLIPModel has no logit bias; the embeddings do not need it
             params = {k: v for k, v in params.items() if k != "logit_bias"}
         return mapping.to_external(params, progress(hf.tensor_maps(config)))
     if fmt == "open_clip":
+        if differences := shapes.openai_layout_differences(config):
+            raise ValueError(f"the open_clip format (OpenAI's layout) cannot hold {differences}")
         return mapping.to_external(params, progress(openai.tensor_maps(config, _has_bias(params))))
     raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")
 
@@ -90,7 +96,10 @@ def save(
     if fmt == "hf":
         path = os.path.join(out, HF_WEIGHTS)
         logit_scale = float(np.asarray(params["logit_scale"]))
-        storage.write_json(os.path.join(out, HF_CONFIG), hf.hf_config(config, logit_scale, eos_id, bos_id))
+        layout = hf_siglip if hf_siglip.is_siglip(config) else hf
+        storage.write_json(
+            os.path.join(out, HF_CONFIG), layout.hf_config(config, logit_scale, eos_id, bos_id)
+        )
         _write_safetensors(tensors, path, "pt")  # transformers insists on "pt"
     elif fmt == "open_clip":
         path = os.path.join(out, OPEN_CLIP_WEIGHTS)
@@ -169,10 +178,12 @@ def load(path: str, **openai_options: Any) -> tuple[CLIPConfig, dict]:
             flat = _read_safetensors(os.path.join(path, PARAMS_WEIGHTS))
             return config, mapping.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
         if storage.exists(os.path.join(path, HF_CONFIG)):
-            config = hf.clip_config(storage.read_json(os.path.join(path, HF_CONFIG)))
+            hf_json = storage.read_json(os.path.join(path, HF_CONFIG))
+            layout = hf_siglip if hf_json.get("model_type") == "siglip" else hf
+            config = layout.clip_config(hf_json)
             tensors = read_tensors(os.path.join(path, HF_WEIGHTS))
-            maps = hf.tensor_maps(config)
-            if extra := _unexpected(tensors, maps, hf.IGNORED):
+            maps = layout.tensor_maps(config)
+            if extra := _unexpected(tensors, maps, layout.IGNORED):
                 raise ValueError(f"{path}: tensors clip_jax has no place for: {extra[:5]}")
             return config, mapping.from_external(tensors, maps)
         path = os.path.join(path, OPEN_CLIP_WEIGHTS)

@@ -84,8 +84,8 @@ def check(config: CLIPConfig) -> None:
         return
     _check_transformer("model.vision", v)
     _positive("model.vision", v, ("image_size", "patch_size"))
-    if v.image_size % v.patch_size:
-        raise ValueError(f"config.model.vision.patch_size={v.patch_size} must divide {v.image_size}")
+    if v.image_size < v.patch_size:  # a remainder is cropped, as by OpenAI's and big_vision's conv
+        raise ValueError(f"config.model.vision.patch_size={v.patch_size} exceeds image_size={v.image_size}")
     if v.pooling not in vit.POOLINGS:
         raise ValueError(f"config.model.vision.pooling={v.pooling!r}: one of {vit.POOLINGS}")
     if v.pooling == "class_token" and not v.class_token:
@@ -95,3 +95,23 @@ def check(config: CLIPConfig) -> None:
             f"config.model.vision.projection=False needs width={v.width} == config.model.embed_dim="
             f"{config.embed_dim}"
         )
+
+
+# OpenAI's CLIP layout (what the open_clip and HF CLIPModel formats hold), field by field.
+OPENAI_VISION = dict(pooling="class_token", class_token=True, patch_bias=False, ln_pre=True, projection=True)
+OPENAI_TEXT = dict(causal=True, pooling="eot", proj_bias=False)
+
+
+def openai_layout_differences(config: CLIPConfig) -> list[str]:
+    """The tower fields of ``config`` that OpenAI's CLIP layout cannot hold (empty: it can)."""
+    out = [
+        f"text.{k}={getattr(config.text, k)!r}"
+        for k, x in OPENAI_TEXT.items()
+        if getattr(config.text, k) != x
+    ]
+    if isinstance(config.vision, ResNetConfig):
+        return out
+    vision = config.vision
+    out += [f"vision.{k}={getattr(vision, k)!r}" for k, x in OPENAI_VISION.items() if getattr(vision, k) != x]
+    out += ["vision.proj_bias=True"] if vision.proj_bias else []
+    return out

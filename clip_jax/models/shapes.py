@@ -13,6 +13,7 @@ from typing import Any
 
 from clip_jax.models import layers, text, vit
 from clip_jax.models.clip import CLIPConfig
+from clip_jax.models.clip import get_variant as clip_variant
 from clip_jax.models.resnet import ResNetConfig
 
 # Overrides that are not dataclass fields: the head width (heads = width // head_width).
@@ -115,3 +116,17 @@ def openai_layout_differences(config: CLIPConfig) -> list[str]:
     out += [f"vision.{k}={getattr(vision, k)!r}" for k, x in OPENAI_VISION.items() if getattr(vision, k) != x]
     out += ["vision.proj_bias=True"] if vision.proj_bias else []
     return out
+
+
+def from_sections(
+    variant: str,
+    vision: Mapping[str, Any] | None = None,
+    text_tower: Mapping[str, Any] | None = None,
+    embed_dim: int | None = None,
+    **text_fields: Any,
+) -> CLIPConfig:
+    """The named variant with ``text_fields`` (vocab_size, context_length; None: the
+    variant's) and then the per-field overrides of `with_overrides`."""
+    config = clip_variant(variant, **text_fields)
+    as_dict = lambda m: dict(m.to_dict() if hasattr(m, "to_dict") else m) if m is not None else {}
+    return with_overrides(config, as_dict(vision), as_dict(text_tower), embed_dim)

@@ -85,6 +85,8 @@ class VisionTransformer(nn.Module):
             name="patch_embed",
         )(images)
         x = x.reshape(x.shape[0], -1, cfg.width)  # [B, N, D]
+        if cfg.class_token:  # created before pos_embedding: the init draws in OpenAI-layout order
+            class_token = self.param("class_token", layers.normal(cfg.width**-0.5, ("embed",)), (cfg.width,))
         pos_embedding = self.param(
             "pos_embedding",
             layers.normal(cfg.width**-0.5, ("length", "embed")),
@@ -96,7 +98,6 @@ class VisionTransformer(nn.Module):
         if train and keep < cfg.num_patches:
             x = drop_patches(x, max(keep, 1), self.make_rng("patch_dropout"))
         if cfg.class_token:
-            class_token = self.param("class_token", layers.normal(cfg.width**-0.5, ("embed",)), (cfg.width,))
             class_token = class_token.astype(x.dtype) + pos_embedding[0]
             class_tokens = jnp.broadcast_to(class_token, (x.shape[0], 1, cfg.width))
             x = jnp.concatenate([class_tokens, x], axis=1)

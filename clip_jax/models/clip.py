@@ -187,7 +187,7 @@ def forward_flops_per_pair(config, kept_patches: int | None = None) -> float:
         return resnet.forward_flops(vision, config.embed_dim) + text_flops
     patches = vision.num_patches if kept_patches is None else kept_patches
     patch_embed = 2 * patches * 3 * vision.patch_size**2 * vision.width
-    image = vision.layers * layer(patches + 1, vision.width) + patch_embed
+    image = vision.layers * layer(patches + int(vision.class_token), vision.width) + patch_embed
     text_flops = text.layers * layer(text.context_length, text.width)
     projections = 2 * config.embed_dim * (vision.width + text.width)
     return image + text_flops + projections

@@ -185,15 +185,12 @@ def matching_variables(path: str, params: Any, model_state: Any = None) -> tuple
     ``model_state`` (a model's trees or their abstract shapes), for ``config.train.init_from``.
 
     Every parameter must be there with its shape, except ``logit_bias`` (SigLIP from a
-    CLIP), which keeps the reference's; a new image size resamples the positional
-    embedding and ``scan`` stacks the blocks (`adapt.fit`). A ResNet tower's
-    ``batch_stats`` (in ``model_state``) come from the file too: fine-tuning an
-    imported RN50 keeps its BatchNorm statistics. Raises ValueError naming what is
-    missing, extra or mis-shaped.
+    CLIP), which keeps the reference's. A ResNet tower's ``batch_stats`` (in
+    ``model_state``) come from the file too: fine-tuning an imported RN50 keeps its
+    BatchNorm statistics. Raises ValueError naming what is missing, extra or mis-shaped.
     """
-    source, weights, _ = load_weights(path)
+    _, weights, _ = load_weights(path)
     stats = weights.pop(openai_resnet.BATCH_STATS, None)
-    weights = adapt.fit(weights, params, adapt.prefix_tokens(source))  # image size, scan
     params = _matching(path, weights, params, optional={"logit_bias"})
     if model_state and openai_resnet.BATCH_STATS in model_state:
         if stats is None:
@@ -208,7 +205,7 @@ def matching_variables(path: str, params: Any, model_state: Any = None) -> tuple
 def _matching(path: str, weights: dict, reference: Any, optional: set[str] = frozenset()) -> dict:
     leaves = jax.tree_util.tree_leaves_with_path(reference)
     want = {"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in leaves}
-    have = mapping.flatten(weights)
+    have = mapping.flatten(adapt.fit(weights, reference))  # a new image size; scanned blocks
     missing = sorted(set(want) - set(have) - optional)
     extra = sorted(set(have) - set(want))
     shapes = [

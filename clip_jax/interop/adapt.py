@@ -21,15 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.interop import mapping
-from clip_jax.models.clip import CLIPConfig
-from clip_jax.models.vit import VisionConfig
 
-POS_EMBEDDING = "visual/pos_embedding"
-
-
-def prefix_tokens(config: CLIPConfig) -> int:
-    """Rows of the image positional embedding before the patch grid (the class token's)."""
-    return int(config.vision.class_token) if isinstance(config.vision, VisionConfig) else 0
+POS_EMBEDDING, CLASS_TOKEN = "visual/pos_embedding", "visual/class_token"
 
 
 def resample_positions(pos: np.ndarray, rows: int, prefix: int) -> np.ndarray:
@@ -54,10 +47,10 @@ def _stacked(flat: dict[str, np.ndarray], key: str, layers: int) -> np.ndarray |
     return np.stack([flat.pop(n) for n in names])
 
 
-def fit(weights: Mapping, reference: Any, prefix: int) -> dict:
+def fit(weights: Mapping, reference: Any) -> dict:
     """``weights`` (nested, per-block) in the layout of ``reference`` (a params tree or its
     abstract shapes): scanned blocks stacked, the image positional embedding resampled
-    when its row count differs (``prefix``: the source's class-token rows)."""
+    when its row count differs and both have a class token or neither has."""
     want = {
         "/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
         for path, leaf in jax.tree_util.tree_leaves_with_path(reference)
@@ -70,7 +63,8 @@ def fit(weights: Mapping, reference: Any, prefix: int) -> dict:
                 flat[key] = stacked
     pos = flat.get(POS_EMBEDDING)
     target = want.get(POS_EMBEDDING)
-    same_prefix = prefix == int("visual/class_token" in want)  # else the mismatch is reported
+    prefix = int(CLASS_TOKEN in flat)
+    same_prefix = prefix == int(CLASS_TOKEN in want)  # else the mismatch is reported
     if pos is not None and target is not None and pos.shape != tuple(target) and same_prefix:
         flat[POS_EMBEDDING] = resample_positions(pos, target[0], prefix)
     return mapping.unflatten(flat)

@@ -153,6 +153,16 @@ def _unexpected(tensors: Mapping, maps: Iterable[mapping.TensorMap], ignored) ->
     return sorted(k for k in tensors if k not in used and not ignored.search(k))
 
 
+def hf_siglip_load(path: str) -> tuple[CLIPConfig, dict]:
+    """(CLIPConfig, params) of a transformers ``SiglipModel`` directory."""
+    config = hf_siglip.clip_config(storage.read_json(os.path.join(path, HF_CONFIG)))
+    tensors = read_tensors(os.path.join(path, HF_WEIGHTS))
+    maps = hf_siglip.tensor_maps(config)
+    if extra := _unexpected(tensors, maps, hf_siglip.IGNORED):
+        raise ValueError(f"{path}: tensors clip_jax has no place for: {extra[:5]}")
+    return config, mapping.from_external(tensors, maps)
+
+
 def special_ids(path: str) -> tuple[int, int] | None:
     """(eos_id, bos_id) recorded with exported weights (HF or params directory), else None."""
     for name, read in (
@@ -177,13 +187,13 @@ def load(path: str, **openai_options: Any) -> tuple[CLIPConfig, dict]:
             config = config_from_dict(storage.read_json(os.path.join(path, PARAMS_CONFIG))["config"])
             flat = _read_safetensors(os.path.join(path, PARAMS_WEIGHTS))
             return config, mapping.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+        if hf_siglip.is_siglip_dir(path):  # transformers' SiglipModel
+            return hf_siglip_load(path)
         if storage.exists(os.path.join(path, HF_CONFIG)):
-            hf_json = storage.read_json(os.path.join(path, HF_CONFIG))
-            layout = hf_siglip if hf_json.get("model_type") == "siglip" else hf
-            config = layout.clip_config(hf_json)
+            config = hf.clip_config(storage.read_json(os.path.join(path, HF_CONFIG)))
             tensors = read_tensors(os.path.join(path, HF_WEIGHTS))
-            maps = layout.tensor_maps(config)
-            if extra := _unexpected(tensors, maps, layout.IGNORED):
+            maps = hf.tensor_maps(config)
+            if extra := _unexpected(tensors, maps, hf.IGNORED):
                 raise ValueError(f"{path}: tensors clip_jax has no place for: {extra[:5]}")
             return config, mapping.from_external(tensors, maps)
         path = os.path.join(path, OPEN_CLIP_WEIGHTS)

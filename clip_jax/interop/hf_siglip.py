@@ -9,10 +9,12 @@ the text tower is bidirectional, pooled at the last position, with a biased
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
+from clip_jax import storage
 from clip_jax.interop import hf, mapping
 from clip_jax.interop.mapping import TensorMap
 from clip_jax.models import shapes
@@ -37,6 +39,12 @@ def is_siglip(config: CLIPConfig) -> bool:
         and all(getattr(t, k) == x for k, x in SIGLIP_TEXT.items())
         and v.norm_eps == t.norm_eps
     )
+
+
+def is_siglip_dir(path: str) -> bool:
+    """Whether ``path`` is an HF directory whose ``config.json`` says ``model_type`` "siglip"."""
+    config_file = os.path.join(path, "config.json")
+    return storage.exists(config_file) and storage.read_json(config_file).get("model_type") == "siglip"
 
 
 def _scalar(key: str, path: str) -> TensorMap:

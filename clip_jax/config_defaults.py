@@ -20,6 +20,29 @@ NO_WEIGHT_DECAY = (
 )
 
 
+# The shape fields a recipe may override per tower, with their types. head_width
+# (instead of heads) gives heads = width // head_width; mlp_dim (instead of mlp_ratio)
+# the MLP's hidden size.
+_SHAPE = {"width": int, "layers": int, "heads": int, "head_width": int, "mlp_ratio": float, "mlp_dim": int}
+_SHAPE.update(activation=str, norm_eps=float)  # activation: quick_gelu | gelu | gelu_tanh
+VISION_FIELDS = dict(
+    _SHAPE,
+    image_size=int,
+    patch_size=int,
+    pooling=str,  # class_token | map (SigLIP's attention pooling) | mean
+    class_token=bool,
+    patch_bias=bool,
+    ln_pre=bool,
+    projection=bool,  # False: the pooled feature is the embedding (width == embed_dim)
+    proj_bias=bool,
+)
+TEXT_FIELDS = dict(_SHAPE, causal=bool, pooling=str, proj_bias=bool)  # pooling: eot | last
+
+
+def _tower_overrides(fields: dict[str, type]) -> ConfigDict:
+    return ConfigDict({name: config_dict.placeholder(kind) for name, kind in fields.items()})
+
+
 def base_config() -> ConfigDict:
     c = ConfigDict()
     c.model = ConfigDict(
@@ -30,6 +53,11 @@ def base_config() -> ConfigDict:
             "patch_dropout": 0.0,  # FLIP: share of image patches dropped in training
             "remat": "none",  # "none" | "full" | "dots": recompute block activations in backward
             "scan": False,  # nn.scan over each tower's blocks (faster compiles; stacked params)
+            # Per-field overrides of the variant's shape (None: the variant's); see
+            # clip_jax/models/vit.py and text.py for each field, models/shapes.py for the checks.
+            "embed_dim": config_dict.placeholder(int),
+            "vision": _tower_overrides(VISION_FIELDS),
+            "text": _tower_overrides(TEXT_FIELDS),
         }
     )
     c.data = ConfigDict(

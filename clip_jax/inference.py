@@ -29,7 +29,7 @@ from PIL import Image
 
 from clip_jax import cli, storage
 from clip_jax.data import bounded, transforms
-from clip_jax.interop import files, mapping, openai_resnet
+from clip_jax.interop import adapt, files, mapping, openai_resnet
 from clip_jax.interop import overrides as overrides_lib
 from clip_jax.models import clip
 
@@ -242,9 +242,7 @@ def matching_variables(
 def _matching(path: str, weights: dict, reference: Any, optional: set[str] = frozenset()) -> dict:
     leaves = jax.tree_util.tree_leaves_with_path(reference)
     want = {"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in leaves}
-    if any("/blocks/" in k for k in want):
-        raise ValueError("config.train.init_from: unstack first; config.model.scan=True is not supported")
-    have = mapping.flatten(weights)
+    have = mapping.flatten(adapt.fit(weights, reference))  # a new image size; scanned blocks
     missing = sorted(set(want) - set(have) - optional)
     extra = sorted(set(have) - set(want))
     shapes = [

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from clip_jax import checkpoint, evaluate, losses, metrics, optim, sharding, storage, validation
 from clip_jax.data import pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
-from clip_jax.models import clip
+from clip_jax.models import clip, shapes
 
 # A run's sentencepiece model, copied into its workdir at the start.
 TOKENIZER_FILE = "tokenizer.model"
@@ -53,9 +53,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
 
     A sigmoid loss gives the model SigLIP's learnable bias and temperature init.
     """
-    variant = clip.get_variant(
-        config.model.variant, vocab_size=vocab_size, context_length=config.model.context_length
-    )
+    variant = model_shape(config, vocab_size)
     if config.train.loss in losses.SIGMOID_LOSSES:
         variant = dataclasses.replace(
             variant,
@@ -69,6 +67,15 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
         remat=config.model.remat,
         scan=config.model.scan,
     )
+
+
+def model_shape(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> clip.CLIPConfig:
+    """``config.model.variant`` with the overrides ``model.vision``, ``model.text``, ``model.embed_dim``."""
+    m = config.model
+    return shapes.from_sections(
+        m.variant, m.get("vision"), m.get("text"), m.get("embed_dim"),
+        vocab_size=vocab_size, context_length=m.context_length,
+    )  # fmt: skip
 
 
 def init_state(model: clip.CLIP, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -224,7 +231,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
             num_train=spec.num_train,
             num_heldout_things=spec.num_heldout_things,
             num_heldout_scenes=spec.num_heldout_scenes,
-            image_size=clip.get_variant(config.model.variant).vision.image_size,
+            image_size=model_shape(config).vision.image_size,
             vocab_size=spec.vocab_size,
             seed=spec.seed,
         )

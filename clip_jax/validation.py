@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from clip_jax import cli, losses, sharding, storage
 from clip_jax.data import pipeline, records
 from clip_jax.interop import overrides
-from clip_jax.models import clip, layers
+from clip_jax.models import layers, shapes
 
 
 class ConfigError(cli.UserError, ValueError):
@@ -28,7 +28,8 @@ def _require(condition: bool, message: str) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks that need no devices: names, ranges, required paths."""
     try:
-        clip.get_variant(config.model.variant)
+        m = config.model
+        shapes.from_sections(m.variant, m.get("vision"), m.get("text"), m.get("embed_dim"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _require(

@@ -2,7 +2,8 @@
 
 Formats (all float32 safetensors):
 
-- ``hf``: a transformers ``CLIPModel`` directory, ``config.json`` + ``model.safetensors``.
+- ``hf``: a transformers ``CLIPModel`` directory, ``config.json`` + ``model.safetensors``
+  (a ``SiglipModel`` for SigLIP towers; on load, by ``config.json``'s ``model_type``).
 - ``open_clip``: ``open_clip_model.safetensors``, OpenAI's state-dict names, and open_clip's
   ``open_clip_config.json`` (heads and activation, which the tensors do not record).
 - ``params``: ``params.safetensors`` with clip_jax's own '/'-joined parameter paths,
@@ -28,8 +29,9 @@ import numpy as np
 import safetensors.numpy
 
 from clip_jax import storage
-from clip_jax.interop import hf, mapping, open_clip, openai, torchscript
+from clip_jax.interop import hf, hf_siglip, mapping, open_clip, openai, torchscript
 from clip_jax.interop import overrides as overrides_lib
+from clip_jax.models import shapes
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.resnet import ResNetConfig
 from clip_jax.models.text import TextConfig
@@ -70,11 +72,15 @@ def external_tensors(
     if fmt == "params":
         flat = mapping.flatten(mapping.stack_free(params))
         return {k: mapping.contiguous(flat[k]) for k in progress(sorted(flat))}
+    if fmt == "hf" and hf_siglip.is_siglip(config):  # transformers' SiglipModel
+        return mapping.to_external(params, progress(hf_siglip.tensor_maps(config)))
     if fmt == "hf":
         if _has_bias(params):  # HF's CLIPModel has no logit bias; the embeddings do not need it
             params = {k: v for k, v in params.items() if k != "logit_bias"}
         return mapping.to_external(params, progress(hf.tensor_maps(config)))
     if fmt == "open_clip":
+        if differences := shapes.openai_layout_differences(config):
+            raise ValueError(f"the open_clip format (OpenAI's layout) cannot hold {differences}")
         return mapping.to_external(params, progress(openai.tensor_maps(config, _has_bias(params))))
     raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")
 
@@ -95,7 +101,10 @@ def save(
     if fmt == "hf":
         path = os.path.join(out, HF_WEIGHTS)
         logit_scale = float(np.asarray(params["logit_scale"]))
-        storage.write_json(os.path.join(out, HF_CONFIG), hf.hf_config(config, logit_scale, eos_id, bos_id))
+        layout = hf_siglip if hf_siglip.is_siglip(config) else hf
+        storage.write_json(
+            os.path.join(out, HF_CONFIG), layout.hf_config(config, logit_scale, eos_id, bos_id)
+        )
         _write_safetensors(tensors, path, "pt")  # transformers insists on "pt"
     elif fmt == "open_clip":
         path = os.path.join(out, OPEN_CLIP_WEIGHTS)
@@ -173,6 +182,16 @@ def _unexpected(tensors: Mapping, maps: Iterable[mapping.TensorMap], ignored) ->
     return sorted(k for k in tensors if k not in used and not ignored.search(k))
 
 
+def hf_siglip_load(path: str) -> tuple[CLIPConfig, dict]:
+    """(CLIPConfig, params) of a transformers ``SiglipModel`` directory."""
+    config = hf_siglip.clip_config(storage.read_json(os.path.join(path, HF_CONFIG)))
+    tensors = read_tensors(os.path.join(path, HF_WEIGHTS))
+    maps = hf_siglip.tensor_maps(config)
+    if extra := _unexpected(tensors, maps, hf_siglip.IGNORED):
+        raise ValueError(f"{path}: tensors clip_jax has no place for: {extra[:5]}")
+    return config, mapping.from_external(tensors, maps)
+
+
 def special_ids(path: str) -> tuple[int, int] | None:
     """(eos_id, bos_id) recorded with exported weights (HF or params directory), else None."""
     for name, read in (
@@ -205,6 +224,10 @@ def load(
             check_recorded(config, given, os.path.join(path, PARAMS_CONFIG))
             flat = _read_safetensors(os.path.join(path, PARAMS_WEIGHTS))
             return config, mapping.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+        if hf_siglip.is_siglip_dir(path):  # transformers' SiglipModel
+            config, params = hf_siglip_load(path)
+            check_recorded(config, given, os.path.join(path, HF_CONFIG))
+            return config, params
         if storage.exists(os.path.join(path, HF_CONFIG)):
             config = hf.clip_config(storage.read_json(os.path.join(path, HF_CONFIG)))
             check_recorded(config, given, os.path.join(path, HF_CONFIG))

@@ -16,16 +16,19 @@ from typing import Any
 
 from clip_jax.interop import mapping
 from clip_jax.interop.mapping import TensorMap
+from clip_jax.models import shapes
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.layers import LAYER_NORM_EPS
 from clip_jax.models.text import TextConfig
 from clip_jax.models.vit import VisionConfig
 
+# Our activation names that HF spells otherwise.
+ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh"}
 # Buffers some older HF checkpoints saved; they hold nothing learned.
 IGNORED = re.compile(r"(^|\.)position_ids$")
 
 
-def _blocks(prefix: str, path: str, layers: int, heads: int) -> list[TensorMap]:
+def encoder_blocks(prefix: str, path: str, layers: int, heads: int) -> list[TensorMap]:
     maps = []
     for i in range(layers):
         key, block = f"{prefix}.encoder.layers.{i}", f"{path}/transformer/block_{i}"
@@ -53,17 +56,19 @@ def tensor_maps(config: CLIPConfig) -> list[TensorMap]:
         raise ValueError(
             "transformers' CLIPModel has no ResNet image tower; export RN models as open_clip or params"
         )
+    if differences := shapes.openai_layout_differences(config):
+        raise ValueError(f"transformers' CLIPModel cannot hold {differences}; export as params")
     maps = [
         mapping.conv("vision_model.embeddings.patch_embedding.weight", "visual/patch_embed/kernel"),
         mapping.same("vision_model.embeddings.class_embedding", "visual/class_token"),
         mapping.same("vision_model.embeddings.position_embedding.weight", "visual/pos_embedding"),
         *mapping.layer_norm("vision_model.pre_layrnorm", "visual/ln_pre"),  # sic: HF's spelling
-        *_blocks("vision_model", "visual", v.layers, v.heads),
+        *encoder_blocks("vision_model", "visual", v.layers, v.heads),
         *mapping.layer_norm("vision_model.post_layernorm", "visual/ln_post"),
         mapping.transposed("visual_projection.weight", "visual/proj"),
         mapping.same("text_model.embeddings.token_embedding.weight", "text/token_embedding/embedding"),
         mapping.same("text_model.embeddings.position_embedding.weight", "text/pos_embedding"),
-        *_blocks("text_model", "text", t.layers, t.heads),
+        *encoder_blocks("text_model", "text", t.layers, t.heads),
         *mapping.layer_norm("text_model.final_layer_norm", "text/ln_final"),
         mapping.transposed("text_projection.weight", "text/proj"),
         mapping.same("logit_scale", "logit_scale"),
@@ -71,14 +76,14 @@ def tensor_maps(config: CLIPConfig) -> list[TensorMap]:
     return maps
 
 
-def _tower(width: int, layers: int, heads: int, mlp_ratio: float, activation: str) -> dict[str, Any]:
+def _tower(tower: VisionConfig | TextConfig) -> dict[str, Any]:
     return {
-        "hidden_size": width,
-        "intermediate_size": int(width * mlp_ratio),
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "hidden_act": activation,
-        "layer_norm_eps": LAYER_NORM_EPS,
+        "hidden_size": tower.width,
+        "intermediate_size": tower.mlp_hidden,
+        "num_hidden_layers": tower.layers,
+        "num_attention_heads": tower.heads,
+        "hidden_act": ACTIVATIONS.get(tower.activation, tower.activation),
+        "layer_norm_eps": tower.norm_eps,
         "attention_dropout": 0.0,
     }
 
@@ -88,7 +93,7 @@ def hf_config(config: CLIPConfig, logit_scale: float, eos_id: int, bos_id: int) 
     if eos_id == 2:
         raise ValueError("HF reads eos_token_id == 2 as its legacy argmax pooling; use another EOS id")
     v, t = config.vision, config.text
-    text = _tower(t.width, t.layers, t.heads, t.mlp_ratio, t.activation)
+    text = _tower(t)
     text.update(
         model_type="clip_text_model",
         vocab_size=t.vocab_size,
@@ -98,7 +103,7 @@ def hf_config(config: CLIPConfig, logit_scale: float, eos_id: int, bos_id: int) 
         bos_token_id=bos_id,
         eos_token_id=eos_id,
     )
-    vision = _tower(v.width, v.layers, v.heads, v.mlp_ratio, v.activation)
+    vision = _tower(v)
     vision.update(
         model_type="clip_vision_model",
         image_size=v.image_size,

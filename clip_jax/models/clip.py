@@ -39,6 +39,29 @@ def _openai_text(width: int, heads: int) -> TextConfig:
     return TextConfig(vocab_size=49408, context_length=77, width=width, layers=12, heads=heads)
 
 
+def _open_clip(
+    image: tuple[int, int, int, int, int], mlp: int, text: tuple[int, int, int]
+) -> tuple[VisionConfig, TextConfig]:
+    """open_clip's large ViTs (GELU): image (size, patch, width, layers, heads), its MLP
+    hidden size, text (width, layers, heads) with OpenAI's vocabulary and context."""
+    size, patch, width, depth, heads = image
+    vision = VisionConfig(size, patch, width, depth, heads, activation="gelu", mlp_dim=mlp)
+    text_width, text_layers, text_heads = text
+    text_tower = TextConfig(49408, 77, text_width, text_layers, text_heads, activation="gelu")
+    return vision, text_tower
+
+
+def _siglip(image_size: int, patch: int, width: int, depth: int, heads: int, mlp: int) -> CLIPConfig:
+    """big_vision's SigLIP two-towers (same shape in both towers, vocab 32,000, 64 tokens)."""
+    tower = dict(mlp_dim=mlp, activation="gelu_tanh", norm_eps=1e-6)
+    vision = VisionConfig(
+        image_size, patch, width, depth, heads, pooling="map", class_token=False, patch_bias=True,
+        ln_pre=False, projection=False, **tower,
+    )  # fmt: skip
+    text = TextConfig(32000, 64, width, depth, heads, causal=False, pooling="last", proj_bias=True, **tower)
+    return CLIPConfig(width, vision, text, logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
+
+
 def _openai_resnet(layers: tuple[int, int, int, int], width: int, image_size: int) -> ResNetConfig:
     return ResNetConfig(layers, width, image_size, heads=width * 32 // 64)
 
@@ -54,6 +77,16 @@ VARIANTS: dict[str, CLIPConfig] = {
     "ViT-B/16": CLIPConfig(512, VisionConfig(224, 16, 768, 12, 12), _openai_text(512, 8)),
     "ViT-L/14": CLIPConfig(768, VisionConfig(224, 14, 1024, 24, 16), _openai_text(768, 12)),
     "ViT-L/14-336": CLIPConfig(768, VisionConfig(336, 14, 1024, 24, 16), _openai_text(768, 12)),
+    # open_clip's model configs (ViT-H-14.json, ViT-g-14.json, ViT-bigG-14.json).
+    "ViT-H/14": CLIPConfig(1024, *_open_clip((224, 14, 1280, 32, 16), 5120, (1024, 24, 16))),
+    "ViT-g/14": CLIPConfig(1024, *_open_clip((224, 14, 1408, 40, 16), 6144, (1024, 24, 16))),
+    "ViT-bigG/14": CLIPConfig(1280, *_open_clip((224, 14, 1664, 48, 16), 8192, (1280, 32, 20))),
+    # SigLIP (Zhai et al. 2023; google/siglip-* on the HF hub): the towers of big_vision.
+    "SigLIP-B/16": _siglip(224, 16, 768, 12, 12, 3072),
+    "SigLIP-B/16-256": _siglip(256, 16, 768, 12, 12, 3072),
+    "SigLIP-B/16-384": _siglip(384, 16, 768, 12, 12, 3072),
+    "SigLIP-L/16-256": _siglip(256, 16, 1024, 24, 16, 4096),
+    "SigLIP-So400m/14-384": _siglip(384, 14, 1152, 27, 16, 4304),
     # Small models for CPU runs and tests.
     "tiny": CLIPConfig(
         128,
@@ -154,7 +187,7 @@ def forward_flops_per_pair(config, kept_patches: int | None = None) -> float:
         return resnet.forward_flops(vision, config.embed_dim) + text_flops
     patches = vision.num_patches if kept_patches is None else kept_patches
     patch_embed = 2 * patches * 3 * vision.patch_size**2 * vision.width
-    image = vision.layers * layer(patches + 1, vision.width) + patch_embed
+    image = vision.layers * layer(patches + int(vision.class_token), vision.width) + patch_embed
     text_flops = text.layers * layer(text.context_length, text.width)
     projections = 2 * config.embed_dim * (vision.width + text.width)
     return image + text_flops + projections

@@ -29,6 +29,8 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 ACTIVATIONS = {
     "quick_gelu": quick_gelu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    # tanh-approximated GELU: SigLIP's (big_vision's nn.gelu, HF's "gelu_pytorch_tanh").
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }
 
 
@@ -41,10 +43,10 @@ def zeros(names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
-    """LayerNorm whose statistics are computed in float32 whatever ``dtype`` is."""
+def layer_norm(name: str, dtype: Dtype, eps: float = LAYER_NORM_EPS) -> nn.LayerNorm:
+    """LayerNorm whose statistics are computed in float32 whatever ``dtype`` is (SigLIP: eps 1e-6)."""
     return nn.LayerNorm(
-        epsilon=LAYER_NORM_EPS,
+        epsilon=eps,
         dtype=dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=zeros(("norm",)),
@@ -78,7 +80,8 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``jax.nn.dot_product_attention``."""
+    """Multi-head attention through ``jax.nn.dot_product_attention``: self-attention, or
+    queries from ``x`` attending over ``context`` (the MAP head's probe)."""
 
     num_heads: int
     out_stddev: float
@@ -86,15 +89,16 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, L, D] -> [B, L, D]."""
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """[B, L, D] (and context [B, S, D]) -> [B, L, D]."""
         width = x.shape[-1]
         shape = (width, self.num_heads, width // self.num_heads)
         names = ("embed", "heads", "kv")
+        context = x if context is None else context
         q, k, v = (
-            Projection("bld,dhk->blhk", shape, names, 2, width**-0.5, self.dtype, name=name)(x)
-            for name in ("query", "key", "value")
-        )  # [B, L, H, Dh]
+            Projection("bld,dhk->blhk", shape, names, 2, width**-0.5, self.dtype, name=name)(source)
+            for name, source in (("query", x), ("key", context), ("value", context))
+        )  # [B, L or S, H, Dh]
         out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         return Projection(
             "blhk,hkd->bld",
@@ -143,16 +147,19 @@ class ResidualBlock(nn.Module):
     num_layers: int
     causal: bool
     dtype: Dtype = jnp.float32
+    mlp_dim: int | None = None  # the MLP's hidden size; None: width * mlp_ratio
+    norm_eps: float = LAYER_NORM_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         # OpenAI's init: residual projections shrink with depth.
         out_stddev = width**-0.5 * (2 * self.num_layers) ** -0.5
-        h = layer_norm("ln_1", self.dtype)(x)
+        h = layer_norm("ln_1", self.dtype, self.norm_eps)(x)
         x = x + Attention(self.num_heads, out_stddev, self.causal, self.dtype, name="attn")(h)
-        h = layer_norm("ln_2", self.dtype)(x)
-        mlp = Mlp(int(width * self.mlp_ratio), self.activation, out_stddev, self.dtype, name="mlp")
+        h = layer_norm("ln_2", self.dtype, self.norm_eps)(x)
+        hidden = self.mlp_dim or int(width * self.mlp_ratio)
+        mlp = Mlp(hidden, self.activation, out_stddev, self.dtype, name="mlp")
         x = x + mlp(h)
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
@@ -189,10 +196,13 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+    mlp_dim: int | None = None
+    norm_eps: float = LAYER_NORM_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fields = (self.num_heads, self.mlp_ratio, self.activation, self.num_layers, self.causal, self.dtype)
+        fields += (self.mlp_dim, self.norm_eps)
         block = _ScanBlock if self.scan else ResidualBlock
         if self.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)

@@ -1,5 +1,7 @@
-"""The text tower: token + positional embedding, causal blocks, final LayerNorm,
-the feature at the end-of-text token, projection (OpenAI's CLIP text encoder).
+"""The text tower: token + positional embedding, pre-LN blocks, final LayerNorm,
+one pooled feature, projection. By default OpenAI's CLIP text encoder (causal
+blocks, the feature at the end-of-text token, projection without bias); SigLIP's
+is bidirectional, pooled at the last position, with a biased projection (``head``).
 
 End-of-text position: token ids are laid out ``[BOS, ..., EOS, PAD, PAD, ...]``
 with ``PAD == pad_id`` (0), so the end-of-text token is the last non-pad token.
@@ -16,6 +18,8 @@ import jax.numpy as jnp
 
 from clip_jax.models import layers
 
+POOLINGS = ("eot", "last")  # the end-of-text token (CLIP) or the last position (SigLIP)
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
@@ -27,6 +31,15 @@ class TextConfig:
     mlp_ratio: float = 4.0
     activation: str = "quick_gelu"
     pad_id: int = 0
+    mlp_dim: int | None = None  # the MLP's hidden size; None: width * mlp_ratio
+    norm_eps: float = layers.LAYER_NORM_EPS
+    causal: bool = True
+    pooling: str = "eot"  # one of POOLINGS
+    proj_bias: bool = False
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_dim or int(self.width * self.mlp_ratio)
 
 
 def end_of_text_index(tokens: jax.Array, pad_id: int) -> jax.Array:
@@ -66,15 +79,23 @@ class TextTransformer(nn.Module):
             cfg.heads,
             cfg.mlp_ratio,
             cfg.activation,
-            causal=True,
+            causal=cfg.causal,
             dtype=self.dtype,
             remat=self.remat,
             scan=self.scan,
+            mlp_dim=cfg.mlp_dim,
+            norm_eps=cfg.norm_eps,
             name="transformer",
         )(x)
-        x = layers.layer_norm("ln_final", self.dtype)(x)
-        x = x[jnp.arange(x.shape[0]), end_of_text_index(tokens, cfg.pad_id)]  # [B, D]
+        x = layers.layer_norm("ln_final", self.dtype, cfg.norm_eps)(x)
+        if cfg.pooling == "last":
+            x = x[:, -1]  # SigLIP: texts are padded to full length; the last position sees all
+        else:
+            x = x[jnp.arange(x.shape[0]), end_of_text_index(tokens, cfg.pad_id)]  # [B, D]
         proj = self.param(
             "proj", layers.normal(cfg.width**-0.5, ("embed", "joint")), (cfg.width, self.embed_dim)
         )
-        return jnp.dot(x.astype(jnp.float32), proj)
+        x = jnp.dot(x.astype(jnp.float32), proj)
+        if cfg.proj_bias:
+            x = x + self.param("proj_bias", layers.zeros(("joint",)), (self.embed_dim,))
+        return x

@@ -22,6 +22,9 @@ _LABEL_COL = flags.DEFINE_string("label_column", None, "Optional column with an 
 _ROWS = flags.DEFINE_integer("rows_per_shard", 10_000, "Rows per output shard.")
 _SIZE = flags.DEFINE_integer("size", 256, "Short side of the stored images (never enlarged).")
 _PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes (one shard each).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Rewrite existing shards (kept on a rerun only when made from the same input)."
+)
 
 
 def main(argv):
@@ -37,7 +40,9 @@ def main(argv):
         label_column=_LABEL_COL.value,
     )
     opts = convert.Options(size=_SIZE.value)
-    stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
+    stats = convert.run(
+        tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json", _OVERWRITE.value
+    )
     print(convert.summary_line(stats))
 
 

@@ -19,6 +19,9 @@ _PREFIX = flags.DEFINE_string("prefix", "train", "Output file name prefix.")
 _SIZE = flags.DEFINE_integer("size", 256, "Short side of the stored images (never enlarged).")
 _QUALITY = flags.DEFINE_integer("quality", 95, "JPEG quality.")
 _PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes (one shard each).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Rewrite existing shards (kept on a rerun only when made from the same input)."
+)
 
 
 def main(argv):
@@ -26,7 +29,9 @@ def main(argv):
     shards = records.expand(_INPUT.value, "--input")
     tasks = convert.webdataset_tasks(shards, _OUT_DIR.value, _PREFIX.value)
     opts = convert.Options(size=_SIZE.value, quality=_QUALITY.value)
-    stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
+    stats = convert.run(
+        tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json", _OVERWRITE.value
+    )
     print(convert.summary_line(stats))
 
 

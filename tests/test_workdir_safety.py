@@ -5,6 +5,7 @@ checkpoints that do not verify; one metrics row per step after a rollback."""
 import hashlib
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -96,15 +97,22 @@ def test_a_second_run_on_a_locked_workdir_stops_at_once_naming_the_holder(traine
     (trained_workdir / lock.LOCK_FILE).unlink()
 
 
-def test_a_stale_lock_of_a_dead_process_is_recovered(tmp_path, capsys):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # its pid is gone
+@pytest.mark.parametrize("reaped", [True, False])
+def test_a_stale_lock_of_a_dead_process_is_recovered(tmp_path, capsys, reaped):
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.kill()
+    if reaped:
+        dead.wait()  # its pid is gone
+    else:  # a zombie until its parent reaps it (a killed run the launcher has not waited for)
+        while pathlib.Path(f"/proc/{dead.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
     _live_holder(tmp_path, dead.pid)
     record = lock.acquire(str(tmp_path))
     assert "taking over a stale lock" in capsys.readouterr().out
     assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release(str(tmp_path), record)
     assert not (tmp_path / lock.LOCK_FILE).exists()
+    dead.wait()
 
 
 def test_the_lock_is_held_during_the_run_and_released_after(tmp_path):

@@ -56,6 +56,10 @@ class DataChangedError(ValueError):
     """The run's data config differs from the one the checkpoint was saved with."""
 
 
+class StateMismatchError(ValueError, cli.UserError):
+    """The checkpoint's train state does not fit the run's model or optimizer."""
+
+
 class UnverifiedCheckpointsError(cli.UserError):
     """Checkpoint steps exist but none verifies (and ``accept_unverified`` is not set)."""
 
@@ -250,7 +254,13 @@ class Checkpoints:
             items = {"state": ocp.args.StandardRestore(target)}
             if restore_data:
                 items["data"] = grain.checkpoint.CheckpointRestore(iterator)
-            state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
+            try:
+                state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
+            except ValueError as e:  # orbax: shapes or structure that differ from the model's
+                raise StateMismatchError(
+                    f"checkpoint step {step} in {self.directory} does not fit this run's model or "
+                    f"optimizer ({str(e).splitlines()[0][:300]}); use a new --workdir or the run's config"
+                ) from e
         self._set_aside(aside, step)
         return None if step is None else state
 

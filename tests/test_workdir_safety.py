@@ -67,7 +67,7 @@ def _change_model(c):
     [
         (_change_seed, checkpoint.DataChangedError),
         (_change_scenes_vocab, checkpoint.DataChangedError),  # would regenerate scenes + tokenizer
-        (_change_model, ValueError),  # the checkpoint's arrays do not fit the model
+        (_change_model, checkpoint.StateMismatchError),  # the checkpoint's arrays do not fit the model
     ],
 )
 def test_a_refused_resume_leaves_the_workdir_byte_identical(trained_workdir, change, error):

@@ -257,9 +257,10 @@ class Checkpoints:
             try:
                 state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
             except ValueError as e:  # orbax: shapes or structure that differ from the model's
+                why = (str(e).splitlines() or [type(e).__name__])[0][:300]
                 raise StateMismatchError(
                     f"checkpoint step {step} in {self.directory} does not fit this run's model or "
-                    f"optimizer ({str(e).splitlines()[0][:300]}); use a new --workdir or the run's config"
+                    f"optimizer ({why}); use a new --workdir or the run's config"
                 ) from e
         self._set_aside(aside, step)
         return None if step is None else state

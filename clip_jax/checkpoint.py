@@ -17,7 +17,10 @@ What orbax does not do, done here:
   file, no manifest) is logged with the reason, moved to
   ``checkpoints_damaged/`` and the run falls back to the previous intact step.
   So is, on an object store, a step directory orbax never committed (a save
-  cut off before its ``commit_success.txt``; orbax itself ignores it).
+  cut off before its ``commit_success.txt``; orbax itself ignores it). When
+  steps exist but none verifies, the run stops with each step's reason instead
+  of restarting from step 0; ``accept_unverified`` restores the latest one as
+  it is. Steps are moved aside only once the restore succeeded.
 - A non-finite state is never saved: the loss, gradient and parameter norms
   are checked before each save; a non-finite one stops the run with an error.
 - Preemption: ``reached_preemption(step)`` is orbax's sync point (all
@@ -40,7 +43,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from clip_jax import storage
+from clip_jax import cli, storage
 
 MANIFEST = "checksums.json"
 
@@ -51,6 +54,17 @@ class NonFiniteError(FloatingPointError):
 
 class DataChangedError(ValueError):
     """The run's data config differs from the one the checkpoint was saved with."""
+
+
+class StateMismatchError(ValueError, cli.UserError):
+    """The checkpoint's train state does not fit the run's model or optimizer."""
+
+
+class UnverifiedCheckpointsError(cli.UserError):
+    """Checkpoint steps exist but none verifies (and ``accept_unverified`` is not set)."""
+
+
+_REFUSED = -2  # the step broadcast when process 0 refuses to choose one
 
 
 def write_manifest(step_dir: str) -> None:
@@ -81,6 +95,11 @@ def damage(step_dir: str) -> str | None:
             if kind in expected and actual.get(kind) != expected[kind]:
                 return f"{name}: {kind} differs from the one recorded at save (corrupted bytes)"
     return None
+
+
+def has_steps(directory: str) -> bool:
+    """Whether ``directory`` (a run's ``checkpoints``) holds any step directory, verified or not."""
+    return storage.isdir(directory) and any(n.isdigit() for n in storage.listdir(directory))
 
 
 def _tokenizer_hash(path: str) -> str:
@@ -202,6 +221,7 @@ class Checkpoints:
         self.manager = _Manager(self.directory, options=options, item_names=("state", "data", "meta"))
         self.fingerprint = fingerprint
         self.allow_data_change = config.get("allow_data_change", False)
+        self.accept_unverified = config.get("accept_unverified", False)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -219,18 +239,31 @@ class Checkpoints:
         return self.manager.reached_preemption(step)
 
     def restore(self, abstract_state, shardings, iterator):
-        """The latest intact state (placed with ``shardings``), or None; ``iterator`` is repositioned."""
-        step = self._latest_intact_step()
-        if step is None:
-            return None
-        restore_data = self._check_data(step)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
-        )
-        items = {"state": ocp.args.StandardRestore(target)}
-        if restore_data:
-            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        """The latest intact state (placed with ``shardings``), or None; ``iterator`` is repositioned.
+
+        Decides before it changes anything: a refusal (changed data, no step verifies, a
+        state that does not fit) leaves the directory as it was. Only once the state is
+        restored are the damaged and uncommitted steps newer than it moved aside.
+        """
+        step, aside = self._choose_step()
+        if step is not None:
+            restore_data = self._check_data(step)
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+            )
+            items = {"state": ocp.args.StandardRestore(target)}
+            if restore_data:
+                items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+            try:
+                state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
+            except ValueError as e:  # orbax: shapes or structure that differ from the model's
+                why = (str(e).splitlines() or [type(e).__name__])[0][:300]
+                raise StateMismatchError(
+                    f"checkpoint step {step} in {self.directory} does not fit this run's model or "
+                    f"optimizer ({why}); use a new --workdir or the run's config"
+                ) from e
+        self._set_aside(aside, step)
+        return None if step is None else state
 
     def save(self, step: int, state, iterator, step_metrics=None, force: bool = False) -> bool:
         """Saves when ``step`` is on the cadence (or ``force``); returns whether it saved.
@@ -252,30 +285,59 @@ class Checkpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def _latest_intact_step(self) -> int | None:
-        """Process 0 verifies steps newest first, moving damaged ones aside; all agree on the result."""
-        chosen = -1
+    def _choose_step(self) -> tuple[int | None, dict[int, str]]:
+        """(step to restore or None, {step to move aside: why}); process 0 verifies steps newest
+        first, all processes agree on the step. Nothing is moved yet.
+
+        Raises UnverifiedCheckpointsError when steps exist but none verifies, unless
+        ``accept_unverified`` (then the latest committed step is taken as it is).
+        """
+        chosen, aside, refusal = -1, {}, None
         if jax.process_index() == 0:
-            for step in self._uncommitted_steps():
-                moved = self._move_aside(step)
-                print(
-                    f"checkpoint step {step} was never committed (save interrupted); moved to {moved}",
-                    flush=True,
-                )
+            aside = {s: "was never committed (save interrupted)" for s in self._uncommitted_steps()}
             for step in sorted(self.manager.all_steps(), reverse=True):
                 reason = damage(self.step_dir(step))
                 if reason is None:
                     chosen = step
                     break
-                moved = self._move_aside(step)
-                print(f"checkpoint step {step} is damaged: {reason}; moved to {moved}", flush=True)
+                aside[step] = f"is damaged: {reason}"
+            if chosen < 0 and aside:
+                chosen, refusal = self._unverified(aside)
         if jax.process_count() > 1:
             chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+        if chosen == _REFUSED:
+            raise UnverifiedCheckpointsError(refusal or f"{self.directory}: no step verifies (see process 0)")
+        return (None if chosen < 0 else chosen), aside
+
+    def _unverified(self, aside: dict[int, str]) -> tuple[int, str | None]:
+        """When no step verifies: (_REFUSED, why), or with ``accept_unverified`` (latest committed
+        step or -1, None) after saying so."""
+        reasons = "; ".join(f"step {s} {why}" for s, why in sorted(aside.items(), reverse=True))
+        if not self.accept_unverified:
+            return _REFUSED, (
+                f"{self.directory}: no checkpoint step verifies ({reasons}). Not restarting from step 0 "
+                "over them: check the files, or pass --config.checkpoint.accept_unverified=True to "
+                "restore the latest committed step as it is"
+            )
+        committed = [s for s in self.manager.all_steps() if s in aside]
+        chosen = max(committed, default=-1)
+        aside.pop(chosen, None)
+        print(f"checkpoint: no step verifies ({reasons}); as accepted, restoring step {chosen}", flush=True)
+        return chosen, None
+
+    def _set_aside(self, aside: dict[int, str], restored: int | None) -> None:
+        """Process 0 moves the steps in ``aside`` away (all are newer than ``restored``, or never
+        committed); all processes reload."""
+        if jax.process_index() == 0:
+            for step, why in sorted(aside.items()):
+                print(f"checkpoint step {step} {why}; moved to {self._move_aside(step)}", flush=True)
+        if jax.process_count() > 1:
             multihost_utils.sync_global_devices("clip_jax checkpoint verified")
         self.manager.reload()
-        if chosen >= 0 and chosen != self.manager.latest_step():
-            raise RuntimeError(f"checkpoint step {chosen} verified but orbax sees {self.manager.all_steps()}")
-        return None if chosen < 0 else chosen
+        if restored is not None and restored != self.manager.latest_step():
+            raise RuntimeError(
+                f"checkpoint step {restored} verified but orbax sees {self.manager.all_steps()}"
+            )
 
     def _uncommitted_steps(self) -> list[int]:
         """Step directories orbax does not list: on object stores, a save cut off before orbax

@@ -142,12 +142,15 @@ def base_config() -> ConfigDict:
     # Train state + data position under WORKDIR/checkpoints; a run resumes from the latest
     # intact step. keep: the last K; keep_period M: every M-th step is kept too (None: no).
     # allow_data_change: resume even when the data config differs from the checkpoint's.
+    # accept_unverified: when no step verifies (no manifest, damaged files), restore the
+    # latest committed one as it is instead of stopping.
     c.checkpoint = ConfigDict(
         {
             "every": 1000,
             "keep": 3,
             "keep_period": config_dict.placeholder(int),
             "allow_data_change": False,
+            "accept_unverified": False,
         }
     )
     return c

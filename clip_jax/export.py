@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags, logging
 
-from clip_jax import cli, storage, train
+from clip_jax import cli, outputs, storage, train
 from clip_jax.data import tokenizer as sp_tokenizer
 from clip_jax.interop import files, overrides
 from clip_jax.models import clip
@@ -46,7 +46,8 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
     flags.DEFINE_enum("format", "hf", files.FORMATS, "Output layout.")
-    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_string("out", None, "Output directory (written under a temporary name, then renamed).")
+    flags.DEFINE_bool("overwrite", False, "Replace --out when it exists and is not empty.")
     flags.mark_flags_as_required(["out"])
 
 
@@ -107,6 +108,7 @@ def from_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
         "config": model.config,
         "params": params,
         "step": step,
+        "input": workdir,
         "tokenizer": tokenizer,
         "eos_id": sp_tokenizer.EOS_ID,
         "bos_id": sp_tokenizer.BOS_ID,
@@ -119,7 +121,14 @@ def from_weights(path: str, weights_overrides: Any = None, allow_code: bool = Fa
     vocab - 1."""
     config, params = files.load(path, weights_overrides, allow_code=allow_code)
     eos_id, bos_id = files.special_ids(path) or (config.text.vocab_size - 1, config.text.vocab_size - 2)
-    return {"config": config, "params": params, "step": None, "eos_id": eos_id, "bos_id": bos_id}
+    return {
+        "config": config,
+        "params": params,
+        "step": None,
+        "input": path,
+        "eos_id": eos_id,
+        "bos_id": bos_id,
+    }
 
 
 def _progress(desc: str):
@@ -137,26 +146,33 @@ def _counter(items: list, desc: str):
         yield item
 
 
-def export(source: dict[str, Any], fmt: str, out: str) -> dict[str, Any]:
-    """Writes ``source`` (`from_workdir`, `from_weights`) as ``fmt`` under ``out``; returns a summary."""
-    path, tensors = files.save(
-        out,
-        source["params"],
-        source["config"],
-        fmt,
-        eos_id=source["eos_id"],
-        bos_id=source["bos_id"],
-        progress=_progress(f"converting to {fmt}"),
-    )
-    if fmt == "params" and source.get("tokenizer"):  # inference needs the run's tokenizer too
-        storage.copy_file(source["tokenizer"], os.path.join(out, train.TOKENIZER_FILE))
+def export(source: dict[str, Any], fmt: str, out: str, overwrite: bool = False) -> dict[str, Any]:
+    """Writes ``source`` (`from_workdir`, `from_weights`) as ``fmt`` under ``out``; returns a summary.
+
+    Refuses (cli.UserError) an ``out`` that overlaps the source, or exists and is not empty
+    unless ``overwrite``. A local ``out`` is written under a temporary name, then renamed.
+    """
+    outputs.check_target(out, [source.get("input", "")], overwrite)
+    with outputs.staged_dir(out) as staged:
+        path, tensors = files.save(
+            staged,
+            source["params"],
+            source["config"],
+            fmt,
+            eos_id=source["eos_id"],
+            bos_id=source["bos_id"],
+            progress=_progress(f"converting to {fmt}"),
+        )
+        if fmt == "params" and source.get("tokenizer"):  # inference needs the run's tokenizer too
+            storage.copy_file(source["tokenizer"], os.path.join(staged, train.TOKENIZER_FILE))
+        size = storage.size(path)
     return {
         "format": fmt,
         "step": source["step"],
         "tensors": len(tensors),
         "params": int(sum(t.size for t in tensors.values())),
-        "bytes": storage.size(path),
-        "path": path,
+        "bytes": size,
+        "path": os.path.join(out, os.path.basename(path)),
     }
 
 
@@ -168,13 +184,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
     if FLAGS.workdir and FLAGS.weights_overrides:
         raise cli.UserError("--weights_overrides is for --weights (a run records its config)")
+    outputs.check_target(FLAGS.out, [FLAGS.workdir or FLAGS.weights], FLAGS.overwrite)  # before reading
     if FLAGS.workdir:
         source = from_workdir(FLAGS.workdir, FLAGS.step)
     else:
         source = from_weights(
             FLAGS.weights, overrides.parse(FLAGS.weights_overrides), allow_code=FLAGS.trust_weights_code
         )
-    summary = export(source, FLAGS.format, FLAGS.out)
+    summary = export(source, FLAGS.format, FLAGS.out, FLAGS.overwrite)
     step = "" if summary["step"] is None else f" (step {summary['step']})"
     print(
         f"exported {summary['format']}{step}: {summary['tensors']} tensors, "

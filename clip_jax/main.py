@@ -36,6 +36,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _initialize_distributed() -> None:
+    """Multi-process runs as the flags say; one process gets a coordinator on loopback only."""
     if _COORDINATOR.value:
         # Collectives between CPU processes (tests, laptops) go through gloo.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -49,11 +50,14 @@ def _initialize_distributed() -> None:
         jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     else:
         # One process: a local coordinator all the same. It turns SIGTERM into orbax's
-        # preemption sync point (save at an agreed step, exit 0) instead of a kill.
+        # preemption sync point (save at an agreed step, exit 0) instead of a kill. Bound to
+        # loopback: jax's default, every interface ([::]), would serve the unauthenticated
+        # coordination service to the network.
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=1, process_id=0)
+        address = f"127.0.0.1:{port}"
+        jax.distributed.initialize(address, num_processes=1, process_id=0, coordinator_bind_address=address)
 
 
 def main(argv):

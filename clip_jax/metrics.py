@@ -27,6 +27,27 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _row_step(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def drop_rows_after(path: str, step: int) -> None:
+    """Rewrites the metrics log ``path`` without its rows past ``step`` (and unreadable lines,
+    such as one cut off by a crash), so that a resumed run's log holds one row per step."""
+    if not storage.exists(path):
+        return
+    lines = storage.read_text(path).splitlines()
+    kept = [line for line in lines if (s := _row_step(line)) is not None and s <= step]
+    if len(kept) != len(lines):
+        storage.write_text(path, "".join(line + "\n" for line in kept))
+        print(f"{path}: dropped {len(lines) - len(kept)} rows after step {step}, the run's start", flush=True)
+
+
 class MetricsLogger:
     """One JSON object per log step; only the primary process writes and prints."""
 
@@ -39,8 +60,14 @@ class MetricsLogger:
         tensorboard: bool = True,
         wandb_project: str | None = None,
         wandb_config: dict | None = None,
+        resumed_step: int = 0,
     ):
-        self.lines = storage.JsonLines(os.path.join(workdir, "metrics.jsonl")) if primary else None
+        """``resumed_step``: the step the run starts from; rows after it (logged by a run that
+        went further before it was rolled back) are dropped, as the run logs those steps again."""
+        path = os.path.join(workdir, "metrics.jsonl")
+        if primary:
+            drop_rows_after(path, resumed_step)
+        self.lines = storage.JsonLines(path) if primary else None
         self.total_steps = total_steps
         self.global_batch = global_batch
         self.primary = primary

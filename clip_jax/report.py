@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clip_jax import cli, storage  # noqa: E402
+from clip_jax import cli, outputs, storage  # noqa: E402
 
 CURVES = (
     ("loss", ("loss",)),
@@ -225,9 +225,15 @@ def _table(results: dict) -> str:
 
 
 def build(workdir: str) -> str:
-    """Writes the report; returns the path of index.html."""
+    """Writes the report (WORKDIR/report, replaced whole once complete); returns the path of index.html."""
     out = storage.local_dir(workdir, "report")
-    os.makedirs(out, exist_ok=True)
+    with outputs.staged_dir(out) as staged:
+        _write_report(workdir, staged)
+    return os.path.join(out, "index.html")
+
+
+def _write_report(workdir: str, out: str) -> None:
+    """The report's files, written into the directory ``out``."""
     parts = [f"<h1>clip_jax run: {html.escape(storage.absolute(workdir))}</h1>"]
     names = _Names(out)
     names("training"), names("gallery")  # reserved: a crafted group or key cannot take them
@@ -269,10 +275,8 @@ def build(workdir: str) -> str:
     )
     head = f"<meta charset='utf-8'><title>clip_jax report</title><style>{style}</style>"
     page = f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"
-    path = os.path.join(out, "index.html")
-    with open(path, "w") as f:
+    with open(os.path.join(out, "index.html"), "w") as f:
         f.write(page)
-    return path
 
 
 def main(argv: list[str]) -> None:

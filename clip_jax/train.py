@@ -7,6 +7,7 @@ branches on config values.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from clip_jax import checkpoint, evaluate, losses, metrics, optim, sharding, storage, validation
+from clip_jax import checkpoint, evaluate, lock, losses, metrics, optim, sharding, storage, validation
 from clip_jax.data import pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip, shapes
@@ -222,19 +223,33 @@ def compile_train_step(step_fn, state_shardings_, mesh: Mesh):
 
 
 def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
-    """Generates the synthetic scenes when the config asks for them; else checks the paths."""
+    """Generates the synthetic scenes when the config asks for them; else checks the paths.
+
+    Generated scenes are not replaced under a run that has checkpoints: their data would
+    change under it (DataChangedError, before anything is written).
+    """
     data = config.data
     if data.get("scenes"):
         spec = data.scenes
-        dataset = scenes.ensure_dataset(
-            spec.dir or storage.local_dir(workdir, "scenes"),
-            num_train=spec.num_train,
-            num_heldout_things=spec.num_heldout_things,
-            num_heldout_scenes=spec.num_heldout_scenes,
-            image_size=model_shape(config).vision.image_size,
-            vocab_size=spec.vocab_size,
-            seed=spec.seed,
-        )
+        directory = spec.dir or storage.local_dir(workdir, "scenes")
+        sizes = {
+            "num_train": spec.num_train,
+            "num_heldout_things": spec.num_heldout_things,
+            "num_heldout_scenes": spec.num_heldout_scenes,
+            "image_size": model_shape(config).vision.image_size,
+            "vocab_size": spec.vocab_size,
+        }
+        recorded = scenes.recorded_spec(directory)
+        wanted = scenes.dataset_spec(seed=spec.seed, **sizes)
+        if recorded not in (None, wanted) and checkpoint.has_steps(os.path.join(workdir, "checkpoints")):
+            changed = ", ".join(
+                f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v
+            )
+            raise checkpoint.DataChangedError(
+                f"{directory} holds the scenes this run was trained on ({changed}); regenerating them "
+                "would change its data. Use a new --workdir, or config.data.scenes.dir for the new scenes."
+            )
+        dataset = scenes.ensure_dataset(directory, seed=spec.seed, **sizes)
         return DataSpec(dataset.train_files, dataset.tokenizer, dataset)
     return DataSpec(validation.data_files(config), data.tokenizer)
 
@@ -256,63 +271,82 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) to ``config.train.total_steps``.
 
     Returns {"train": last logged metrics, "state": final TrainState, "eval": ...,
-    "preempted": whether a SIGTERM stopped it early}.
+    "preempted": whether a SIGTERM stopped it early}. The workdir is locked for the run
+    (`clip_jax.lock`), and nothing is written there before the resume is decided: a
+    refused resume (changed data, a state that does not fit, no step verifies) leaves it
+    as it was.
     """
     validation.check_config(config)
     mesh = sharding.make_mesh(config.sharding.mesh)
     validation.check_batch(config, mesh)
-    storage.makedirs(workdir)
-    data = resolve_data(config, workdir)
-    context_length = build_model(config).config.text.context_length
-    tokenizer = Tokenizer(data.tokenizer, context_length)
-    model = build_model(config, tokenizer.vocab_size)
-    tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
-    loss_fn = losses.make_loss(config.train.loss, mesh)
-    r = Run(config, workdir, mesh, model, tokenizer, data, jax.process_index() == 0)
-    if r.primary:
-        storage.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-        # The workdir carries its tokenizer: export and inference need nothing else.
-        storage.copy_file(data.tokenizer, os.path.join(workdir, TOKENIZER_FILE))
+    with lock.hold(workdir):
+        data = resolve_data(config, workdir)
+        context_length = build_model(config).config.text.context_length
+        tokenizer = Tokenizer(data.tokenizer, context_length)
+        model = build_model(config, tokenizer.vocab_size)
+        r = Run(config, workdir, mesh, model, tokenizer, data, jax.process_index() == 0)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+            return _run(r)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        abstract, shardings = state_shardings(model, tx, mesh)
+
+def _run(r: Run) -> dict[str, Any]:
+    """`run` once the workdir is locked and the data, tokenizer and model are known."""
+    config, batch_size = r.config, r.config.train.batch_size
+    tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
+    abstract, shardings = state_shardings(r.model, tx, r.mesh)
+    if r.primary:
+        log_model_summary(abstract, r.mesh)
+    skipped = skips.SkipCounter(config.data.max_skip_fraction)
+    image_size = r.model.config.vision.image_size
+    batches = pipeline.from_config(
+        config.data, r.data.train_files, r.tokenizer, image_size, batch_size // jax.process_count(), skipped
+    )
+    fingerprint = checkpoint.data_fingerprint(
+        config.data, r.data.train_files, r.data.tokenizer, batch_size, image_size
+    )
+    checkpoints = checkpoint.Checkpoints(
+        os.path.join(r.workdir, "checkpoints"), config.checkpoint, fingerprint
+    )
+    try:
+        state = initial_state(r, tx, checkpoints, abstract, shardings, batches)  # the decision
         if r.primary:
-            log_model_summary(abstract, mesh)
-        skipped = skips.SkipCounter(config.data.max_skip_fraction)
-        image_size, batch_size = model.config.vision.image_size, config.train.batch_size
-        batches = pipeline.from_config(
-            config.data, data.train_files, tokenizer, image_size, batch_size // jax.process_count(), skipped
-        )
-        fingerprint = checkpoint.data_fingerprint(
-            config.data, data.train_files, data.tokenizer, batch_size, image_size
-        )
-        checkpoints = checkpoint.Checkpoints(
-            os.path.join(workdir, "checkpoints"), config.checkpoint, fingerprint
-        )
+            write_run_files(r)
         logger = metrics.MetricsLogger(
-            workdir,
+            r.workdir,
             config.train.total_steps,
             batch_size,
             r.primary,
             tensorboard=config.logging.tensorboard,
             wandb_project=config.logging.wandb_project,
             wandb_config=config.to_dict(),
+            resumed_step=int(state.step),
         )
+    except BaseException:
+        checkpoints.close()
+        raise
+    with contextlib.closing(logger):
         try:
-            try:
-                state = initial_state(r, tx, checkpoints, abstract, shardings, batches)
-                step = make_train_step(
-                    model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed
-                )
-                step_fn = compile_train_step(step, shardings, mesh)
-                result = train_loop(r, state, step_fn, batches, checkpoints, logger, skipped)
-            finally:
-                checkpoints.close()
-            if data.scenes is not None and not result["preempted"]:
-                result["eval"] = evaluate_and_log(r, result["state"], config.train.total_steps, logger)
+            step = make_train_step(
+                r.model,
+                tx,
+                schedule,
+                losses.make_loss(config.train.loss, r.mesh),
+                config.train.accum_steps,
+                config.train.seed,
+            )
+            step_fn = compile_train_step(step, shardings, r.mesh)
+            result = train_loop(r, state, step_fn, batches, checkpoints, logger, skipped)
         finally:
-            logger.close()
+            checkpoints.close()
+        if r.data.scenes is not None and not result["preempted"]:
+            result["eval"] = evaluate_and_log(r, result["state"], config.train.total_steps, logger)
     return result
+
+
+def write_run_files(r: Run) -> None:
+    """``config.json`` and the run's tokenizer (export and inference need nothing else)."""
+    storage.write_text(os.path.join(r.workdir, "config.json"), r.config.to_json_best_effort(indent=2))
+    storage.copy_file(r.data.tokenizer, os.path.join(r.workdir, TOKENIZER_FILE))
 
 
 def initial_state(r: Run, tx, checkpoints, abstract, shardings, batches) -> TrainState:

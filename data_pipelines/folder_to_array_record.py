@@ -36,6 +36,9 @@ _OUTSIDE = flags.DEFINE_bool(
     "Read table paths that leave --image_dir (../, absolute, symlinks out); by default they are "
     "skipped and counted as outside_root.",
 )
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Rewrite existing shards (kept on a rerun only when made from the same input)."
+)
 
 
 def main(argv):
@@ -53,7 +56,9 @@ def main(argv):
         allow_outside_root=_OUTSIDE.value,
     )
     opts = convert.Options(size=_SIZE.value)
-    stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
+    stats = convert.run(
+        tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json", _OVERWRITE.value
+    )
     print(convert.summary_line(stats))
 
 

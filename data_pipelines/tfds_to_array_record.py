@@ -27,6 +27,9 @@ _TEMPLATE = flags.DEFINE_string("template", "a photo of a {}.", "Caption made fr
 _PER_SHARD = flags.DEFINE_integer("per_shard", 10_000, "Examples per output shard.")
 _SIZE = flags.DEFINE_integer("size", 256, "Short side of the stored images (never enlarged).")
 _PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes (one shard each).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Rewrite existing shards (kept on a rerun only when made from the same input)."
+)
 
 
 def main(argv):
@@ -44,7 +47,9 @@ def main(argv):
         template=_TEMPLATE.value,
     )
     opts = convert.Options(size=_SIZE.value)
-    stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
+    stats = convert.run(
+        tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json", _OVERWRITE.value
+    )
     print(convert.summary_line(stats))
 
 

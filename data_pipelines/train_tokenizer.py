@@ -7,7 +7,8 @@
 
 The model uses clip_jax's special ids (pad 0, unk 1, bos 2, eos 3); pass its
 path as ``--config.data.tokenizer``. Its vocabulary size becomes the text
-tower's.
+tower's. The model is written under a temporary name and renamed; ``--out`` may not be
+one of the inputs, nor an existing file unless ``--overwrite``.
 """
 
 import collections
@@ -16,7 +17,7 @@ import time
 
 from absl import flags
 
-from clip_jax import cli
+from clip_jax import cli, outputs
 from clip_jax.data import records, tokenizer
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .txt files or ArrayRecord shards.", required=True)
@@ -25,6 +26,7 @@ _VOCAB = flags.DEFINE_integer(
     "vocab_size", 32_000, "Vocabulary size (a ceiling for small corpora).", lower_bound=5
 )
 _MAX = flags.DEFINE_integer("max_captions", 5_000_000, "Captions to train on at most.", lower_bound=1)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out when it exists.")
 
 
 def captions(files, skipped: collections.Counter):
@@ -44,6 +46,8 @@ def captions(files, skipped: collections.Counter):
 def main(argv):
     del argv
     files = records.expand(_INPUT.value, "--input")
+    # Decided before training: never over an input, nor over an existing model unasked.
+    outputs.check_target(_OUT.value, files, _OVERWRITE.value)
     start = time.perf_counter()
     skipped = collections.Counter()
     corpus = itertools.islice(captions(files, skipped), _MAX.value)

@@ -23,6 +23,9 @@ _PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes
 _MAX_BYTES = flags.DEFINE_integer(
     "max_member_bytes", bounded.MAX_MEMBER_BYTES, "A tar member larger than this is skipped (too_large)."
 )
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Rewrite existing shards (kept on a rerun only when made from the same input)."
+)
 
 
 def main(argv):
@@ -30,7 +33,9 @@ def main(argv):
     shards = records.expand(_INPUT.value, "--input")
     tasks = convert.webdataset_tasks(shards, _OUT_DIR.value, _PREFIX.value, max_bytes=_MAX_BYTES.value)
     opts = convert.Options(size=_SIZE.value, quality=_QUALITY.value)
-    stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
+    stats = convert.run(
+        tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json", _OVERWRITE.value
+    )
     print(convert.summary_line(stats))
 
 

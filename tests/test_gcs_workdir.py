@@ -2,8 +2,8 @@
 pointed at it by STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL, as at a real bucket).
 
 - A run trained into gs://, then resumed there, ends bitwise equal to a local run; the
-  bucket holds everything a local workdir does, and metrics.jsonl keeps the lines of
-  both runs (an object store cannot append).
+  bucket holds everything a local workdir does, and metrics.jsonl keeps one line per
+  step of both runs (an object store cannot append).
 - Every damage of test_checkpoint, done to objects, is detected from the store's own
   checksums, and the run falls back to the previous step.
 - Export, clip_jax.load, the report and a webdataset tar stream read from gs:// too.
@@ -121,7 +121,7 @@ def test_a_gs_workdir_trains_resumes_bitwise_and_exports(gcs, scenes_dataset, tm
     assert_trees_bitwise_equal(resumed.params, reference.params)
     assert_trees_bitwise_equal(resumed.opt_state, reference.opt_state)
     steps = [json.loads(line)["step"] for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 5, 6]  # the first run's lines kept, the second's added
+    assert steps == [1, 2, 3, 4, 5, 6]  # the first run's lines to its checkpoint kept, the second's added
     assert "eval/6.json" in storage.files_under(workdir)
     carried = storage.read_bytes(f"{workdir}/{train.TOKENIZER_FILE}")
     assert carried == pathlib.Path(scenes_dataset.tokenizer).read_bytes()

@@ -12,10 +12,12 @@ Bad inputs (see `clip_jax.data.skips`) are skipped and counted by reason; a
 decode that runs past ``timeout_s`` is abandoned (reason ``timeout``).
 
 Restartable: a shard is written under a private temporary name and renamed
-when complete, after its stats sidecar (``.stats/SHARD.json``); a rerun skips
-shards that exist and adds their saved stats to the summary, so an interrupted
-conversion resumes where it stopped and never leaves a half shard that looks
-finished. The summary (``PREFIX-stats.json``): records kept, skipped by
+when complete, after its stats sidecar (``.stats/SHARD.json``, which also records
+its input and options: `clip_jax.data.provenance`); a rerun skips shards that
+exist when made from the same input with the same options (anything else stops
+the run unless ``overwrite``) and adds their saved stats to the summary, so an
+interrupted conversion resumes where it stopped and never leaves a half shard
+that looks finished. The summary (``PREFIX-stats.json``): records kept, skipped by
 reason, bytes in and out, seconds and images per second.
 """
 
@@ -38,7 +40,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from clip_jax.data import bounded, records, skips, transforms
+from clip_jax.data import bounded, provenance, records, skips, transforms
 
 
 class Item(NamedTuple):
@@ -149,14 +151,14 @@ def stats_sidecar(shard: str) -> str:
     return os.path.join(directory, ".stats", name + ".json")
 
 
-def run_task(task: Task, opts: Options) -> dict[str, Any]:
-    """Writes one shard (skipped when it already exists); returns its stats."""
+def run_task(task: Task, opts: Options, overwrite: bool = False) -> dict[str, Any]:
+    """Writes one shard; returns its stats. A finished shard made from the same input with the
+    same options is kept (another one raises `provenance.ShardMismatchError`, unless ``overwrite``)."""
     sidecar = stats_sidecar(task.out_path)
-    if os.path.exists(task.out_path):
-        if os.path.exists(sidecar):
-            with open(sidecar) as f:
-                return {**json.load(f), "seconds": 0.0, "resumed": True}
-        return {**new_stats(), "shards": 1, "resumed": True}
+    source = provenance.describe(task.read, dataclasses.asdict(opts))
+    if os.path.exists(task.out_path) and not overwrite:
+        stats = provenance.finished_stats(task.out_path, sidecar, source)
+        return {**stats, "seconds": 0.0, "resumed": True}
     stats, start = new_stats(), time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(task.out_path)), exist_ok=True)
     tmp = f"{task.out_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -178,7 +180,7 @@ def run_task(task: Task, opts: Options) -> dict[str, Any]:
         writer.close()
     stats.update(seconds=time.perf_counter() - start, shards=1)
     os.makedirs(os.path.dirname(sidecar), exist_ok=True)
-    records.write_atomically(sidecar, json.dumps(stats).encode())
+    records.write_atomically(sidecar, json.dumps({**stats, "source": source}).encode())
     os.replace(tmp, task.out_path)  # last: the shard exists only when complete
     return stats
 
@@ -187,25 +189,50 @@ def _size(image: bytes | np.ndarray | None) -> int:
     return 0 if image is None else image.nbytes if isinstance(image, np.ndarray) else len(image)
 
 
-def _run_one(args: tuple[Task, Options]) -> dict[str, Any]:
+def _run_one(args: tuple[Task, Options, bool]) -> dict[str, Any]:
     return run_task(*args)
 
 
-def run(tasks: list[Task], opts: Options, num_processes: int, summary_path: str) -> dict[str, Any]:
-    """Runs ``tasks`` on a pool of ``num_processes`` with a progress bar; writes and returns the summary."""
+def _check_strays(tasks: list[Task], overwrite: bool) -> None:
+    """Shards of the same prefix this run does not write (another shard count) would be mixed
+    in by a glob: an error, or with ``overwrite`` removed."""
+    strays = provenance.stray_shards([t.out_path for t in tasks])
+    if strays and not overwrite:
+        raise provenance.ShardMismatchError(
+            f"{len(strays)} shards of an earlier conversion with another shard count are in the output "
+            f"directory ({', '.join(os.path.basename(p) for p in strays[:3])}); delete them, write to "
+            "another --out_dir, or rerun with --overwrite"
+        )
+    for path in strays:
+        print(f"--overwrite: removing {path}, a shard of an earlier conversion", flush=True)
+        os.remove(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stats_sidecar(path))
+
+
+def run(
+    tasks: list[Task], opts: Options, num_processes: int, summary_path: str, overwrite: bool = False
+) -> dict[str, Any]:
+    """Runs ``tasks`` on a pool of ``num_processes`` with a progress bar; writes and returns the summary.
+
+    ``overwrite``: rewrite finished shards and remove other shards of the prefix, instead of
+    stopping at one that another input or other options made.
+    """
     from tqdm import tqdm  # a converter dependency only
 
+    _check_strays(tasks, overwrite)
     os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
     total, resumed, start = new_stats(), 0, time.perf_counter()
     bar = tqdm(total=len(tasks), unit="shard", desc="converting")
     with contextlib.ExitStack() as stack:
         if num_processes > 1:
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(num_processes))
-            results = pool.imap_unordered(_run_one, [(t, opts) for t in tasks])
+            results = pool.imap_unordered(_run_one, [(t, opts, overwrite) for t in tasks])
         else:
-            results = (run_task(t, opts) for t in tasks)
+            results = (run_task(t, opts, overwrite) for t in tasks)
         for stats in results:
             resumed += bool(stats.pop("resumed", False))
+            stats.pop("source", None)
             merge(total, stats)
             bar.update(1)
             bar.set_postfix(kept=total["kept"], skipped=sum(total["skipped"].values()))
@@ -244,6 +271,9 @@ class TarReader:
     path: str
     max_bytes: int = bounded.MAX_MEMBER_BYTES
     timeout_s: float = 60.0
+
+    def describe(self) -> dict[str, Any]:
+        return provenance.file_identity(self.path)
 
     def __call__(self) -> Iterator[Item]:
         from clip_jax.data import webdataset  # imports the Grain pipeline; only needed here
@@ -304,6 +334,9 @@ class FolderReader:
     timeout_s: float = 60.0
     allow_outside_root: bool = False
 
+    def describe(self) -> dict[str, Any]:
+        return provenance.rows_identity(self.rows)
+
     def __call__(self) -> Iterator[Item]:
         for key, name, caption, label in self.rows:
             try:
@@ -361,6 +394,9 @@ class TfdsReader:
     caption_key: str | None = None
     label_key: str | None = "label"
     template: str = "a photo of a {}."
+
+    def describe(self) -> dict[str, Any]:
+        return {"tfds": dataclasses.asdict(self)}
 
     def __call__(self) -> Iterator[Item]:
         import tensorflow_datasets as tfds

@@ -205,6 +205,20 @@ class ScenesDataset:
     tokenizer: str
 
 
+def dataset_spec(*, num_shards: int = 4, seed: int = 0, **sizes: int) -> dict:
+    """What `ensure_dataset` records in ``DONE.json`` for these arguments."""
+    return {"version": VERSION, **sizes, "seed": seed, "num_shards": num_shards}
+
+
+def recorded_spec(directory: str) -> dict | None:
+    """The spec of the complete dataset in ``directory`` (its ``DONE.json``), or None."""
+    try:
+        with open(os.path.join(directory, "DONE.json")) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def ensure_dataset(
     directory: str,
     *,
@@ -217,16 +231,15 @@ def ensure_dataset(
     num_shards: int = 4,
 ) -> ScenesDataset:
     """Generates the dataset into ``directory`` unless an identical one is already there."""
-    spec = {
-        "version": VERSION,
-        "num_train": num_train,
-        "num_heldout_things": num_heldout_things,
-        "num_heldout_scenes": num_heldout_scenes,
-        "image_size": image_size,
-        "vocab_size": vocab_size,
-        "seed": seed,
-        "num_shards": num_shards,
-    }
+    spec = dataset_spec(
+        num_train=num_train,
+        num_heldout_things=num_heldout_things,
+        num_heldout_scenes=num_heldout_scenes,
+        image_size=image_size,
+        vocab_size=vocab_size,
+        seed=seed,
+        num_shards=num_shards,
+    )
     train, things, scenes = (
         os.path.join(directory, n) for n in ("train", "heldout_things", "heldout_scenes")
     )

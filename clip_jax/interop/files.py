@@ -21,6 +21,7 @@ import dataclasses
 import io
 import os
 import pickle
+import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -122,8 +123,14 @@ def save(
 def _write_safetensors(tensors: dict[str, np.ndarray], path: str, fmt: str) -> None:
     if storage.is_remote(path):  # one upload of the serialised file
         storage.write_bytes(path, safetensors.numpy.save(tensors, metadata={"format": fmt}))
-    else:  # streamed to disk: no second copy of the weights in memory
-        safetensors.numpy.save_file(tensors, path, metadata={"format": fmt})
+    else:  # streamed to disk (no second copy of the weights in memory), then renamed into place
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            safetensors.numpy.save_file(tensors, tmp, metadata={"format": fmt})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:

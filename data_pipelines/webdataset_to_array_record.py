@@ -12,7 +12,7 @@ summary goes to ``OUT_DIR/PREFIX-stats.json``.
 from absl import flags
 
 from clip_jax import cli
-from clip_jax.data import bounded, convert, records
+from clip_jax.data import bounded, convert, convert_flags, records
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .tar shards, comma-separated.", required=True)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the ArrayRecord shards go.", required=True)
@@ -23,13 +23,14 @@ _PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes
 _MAX_BYTES = flags.DEFINE_integer(
     "max_member_bytes", bounded.MAX_MEMBER_BYTES, "A tar member larger than this is skipped (too_large)."
 )
+_OPTIONS = convert_flags.define()  # filters, --dedup (within each shard), --exclude
 
 
 def main(argv):
     del argv
     shards = records.expand(_INPUT.value, "--input")
     tasks = convert.webdataset_tasks(shards, _OUT_DIR.value, _PREFIX.value, max_bytes=_MAX_BYTES.value)
-    opts = convert.Options(size=_SIZE.value, quality=_QUALITY.value)
+    opts = _OPTIONS(size=_SIZE.value, quality=_QUALITY.value)
     stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
     print(convert.summary_line(stats))
 

@@ -38,7 +38,6 @@ from clip_jax import cli, storage
 from clip_jax.data import convert, dedup, records, skips
 
 STATS = "stats"  # the tag of the counters each stage emits: (name, n)
-FLAT = "0" * 16  # the dhash of an image without horizontal gradients (solid colours)
 
 
 def _stat(name: str, n: int = 1) -> beam.pvalue.TaggedOutput:
@@ -66,7 +65,7 @@ class _Prepare(beam.DoFn):
             if dedup.drop_reason(digest, self.exclude, None):
                 yield _stat("skipped/eval_excluded")
                 continue
-            digest = digest or {"sha256": "key:" + item.key, "dhash": FLAT}  # no dedup: all distinct
+            digest = digest or {"sha256": "key:" + item.key, "dhash": dedup.FLAT}  # no dedup: all distinct
             yield digest["sha256"], (item.key, digest["dhash"], records.encode(record))
 
 
@@ -86,7 +85,7 @@ def _survivor(group: tuple[str, Iterable[tuple]], reason: str) -> Iterator[Any]:
 
 def _by_dhash(copy: tuple[str, str, bytes]) -> tuple[str, tuple[str, bytes]]:
     key, near, data = copy
-    return ("key:" + key if near == FLAT else near), (key, data)
+    return ("key:" + key if near == dedup.FLAT else near), (key, data)
 
 
 def _shard_of(copy: tuple[str, bytes], num_shards: int) -> tuple[int, bytes]:

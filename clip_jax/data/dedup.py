@@ -10,7 +10,8 @@ Two hashes per image, so both kinds of copy are caught:
 Near duplicates are matched by EXACT ``dhash`` equality, not by a Hamming distance:
 equality is a key a distributed group-by (Beam) can shuffle on, and a lookup in
 a set; it misses copies edited enough to flip a bit (crops, overlays, strong
-recompression). Hashes are written as ``sha256:HEX`` and ``dhash:HEX`` lines
+recompression). A flat image (dhash 0, shared by every solid colour) is matched by
+its bytes only. Hashes are written as ``sha256:HEX`` and ``dhash:HEX`` lines
 (`format_hashes`), the format of ``--exclude`` files (data_pipelines/eval_hashes.py).
 """
 
@@ -43,8 +44,13 @@ def image_hashes(data: bytes | np.ndarray | None, img: Image.Image) -> dict[str,
     return {"sha256": sha256(raw), "dhash": dhash(img)}
 
 
+FLAT = "0" * 16  # the dhash of every image without a horizontal gradient (all solid colours)
+
+
 def format_hashes(hashes: dict[str, str]) -> list[str]:
-    return [f"{kind}:{hashes[kind]}" for kind in KINDS if kind in hashes]
+    """``kind:hex`` lines; a `FLAT` dhash is left out (it would match every solid colour),
+    so such images are matched by their bytes only."""
+    return [f"{kind}:{hashes[kind]}" for kind in KINDS if kind in hashes and hashes[kind] != FLAT]
 
 
 def load_exclude(path: str) -> frozenset[str]:
@@ -77,11 +83,11 @@ def drop_reason(hashes: dict[str, str] | None, exclude: frozenset[str], seen: se
         return "eval_excluded"
     if seen is None:
         return None
-    exact, near = format_hashes(hashes)
+    exact, *near = format_hashes(hashes)
     if exact in seen:
         return "duplicate_exact"
     seen.add(exact)
-    if near in seen:
+    if near and near[0] in seen:
         return "duplicate_near"
-    seen.add(near)
+    seen.update(near)
     return None

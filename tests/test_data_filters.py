@@ -1,6 +1,9 @@
 """Conversion filters, dedup and --exclude in the local converter; the shards the Beam test shares."""
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -143,3 +146,25 @@ def test_filters_and_exclude_file_errors(tmp_path):
     bad.write_text("sha256:abc\nmd5:123\n")
     with pytest.raises(ValueError, match="bad.hashes:2"):
         dedup.load_exclude(str(bad))
+
+
+def test_eval_hashes_skips_fifos_and_links_out_of_the_folder(tmp_path):
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(encode(picture(7)))
+    os.mkfifo(folder / "pipe.png")  # would block a plain read forever
+    (tmp_path / "secret.png").write_bytes(encode(picture(8)))
+    (folder / "out.png").symlink_to(tmp_path / "secret.png")
+    lines, counts = eval_hashes.collect([str(folder)])
+    assert counts == {"images": 1, "skipped/not_regular_file": 1, "skipped/outside_root": 1}
+    assert len(lines) == 2
+
+
+def test_eval_hashes_cli_refuses_to_overwrite_its_output(tmp_path):
+    out = tmp_path / "eval.hashes"
+    out.write_text("keep me\n")
+    (tmp_path / "a.png").write_bytes(encode(picture(3)))
+    cmd = [sys.executable, "data_pipelines/eval_hashes.py", f"--input={tmp_path}", f"--output={out}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "exists" in result.stderr.strip().splitlines()[-1]
+    assert out.read_text() == "keep me\n"

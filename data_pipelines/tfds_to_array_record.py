@@ -12,7 +12,7 @@ Image + caption (``--caption_key``), or image + label (the caption is
 
 from absl import app, flags
 
-from clip_jax.data import convert
+from clip_jax.data import convert, convert_flags
 
 _NAME = flags.DEFINE_string("name", None, "TFDS dataset name.", required=True)
 _SPLIT = flags.DEFINE_string("split", "train", "Split.")
@@ -26,6 +26,8 @@ _TEMPLATE = flags.DEFINE_string("template", "a photo of a {}.", "Caption made fr
 _PER_SHARD = flags.DEFINE_integer("per_shard", 10_000, "Examples per output shard.")
 _SIZE = flags.DEFINE_integer("size", 256, "Short side of the stored images (never enlarged).")
 _PROCESSES = flags.DEFINE_integer("num_processes", 4, "Parallel worker processes (one shard each).")
+
+_OPTIONS = convert_flags.define()  # filters, --dedup (within each shard), --exclude
 
 
 def main(argv):
@@ -42,7 +44,7 @@ def main(argv):
         label_key=_LABEL_KEY.value or None,
         template=_TEMPLATE.value,
     )
-    opts = convert.Options(size=_SIZE.value)
+    opts = _OPTIONS(size=_SIZE.value)
     stats = convert.run(tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json")
     print(convert.summary_line(stats))
 

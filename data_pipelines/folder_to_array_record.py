@@ -15,7 +15,7 @@ finished shards; the summary goes to ``OUT_DIR/PREFIX-stats.json``.
 from absl import flags
 
 from clip_jax import cli
-from clip_jax.data import bounded, convert
+from clip_jax.data import bounded, convert, convert_flags
 
 _TABLE = flags.DEFINE_string("table", None, ".csv, .tsv or .parquet file.", required=True)
 _IMAGE_DIR = flags.DEFINE_string("image_dir", ".", "Directory the image column is relative to.")
@@ -40,6 +40,8 @@ _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Rewrite existing shards (kept on a rerun only when made from the same input)."
 )
 
+_OPTIONS = convert_flags.define()  # filters, --dedup (within each shard), --exclude
+
 
 def main(argv):
     del argv
@@ -55,7 +57,7 @@ def main(argv):
         max_bytes=_MAX_BYTES.value,
         allow_outside_root=_OUTSIDE.value,
     )
-    opts = convert.Options(size=_SIZE.value)
+    opts = _OPTIONS(size=_SIZE.value)
     stats = convert.run(
         tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json", _OVERWRITE.value
     )

@@ -13,7 +13,7 @@ Image + caption (``--caption_key``), or image + label (the caption is
 from absl import flags
 
 from clip_jax import cli
-from clip_jax.data import convert
+from clip_jax.data import convert, convert_flags
 
 _NAME = flags.DEFINE_string("name", None, "TFDS dataset name.", required=True)
 _SPLIT = flags.DEFINE_string("split", "train", "Split.")
@@ -31,6 +31,8 @@ _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Rewrite existing shards (kept on a rerun only when made from the same input)."
 )
 
+_OPTIONS = convert_flags.define()  # filters, --dedup (within each shard), --exclude
+
 
 def main(argv):
     del argv
@@ -46,7 +48,7 @@ def main(argv):
         label_key=_LABEL_KEY.value or None,
         template=_TEMPLATE.value,
     )
-    opts = convert.Options(size=_SIZE.value)
+    opts = _OPTIONS(size=_SIZE.value)
     stats = convert.run(
         tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json", _OVERWRITE.value
     )

@@ -12,7 +12,7 @@ summary goes to ``OUT_DIR/PREFIX-stats.json``.
 from absl import flags
 
 from clip_jax import cli
-from clip_jax.data import bounded, convert, records
+from clip_jax.data import bounded, convert, convert_flags, records
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .tar shards, comma-separated.", required=True)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the ArrayRecord shards go.", required=True)
@@ -26,13 +26,14 @@ _MAX_BYTES = flags.DEFINE_integer(
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Rewrite existing shards (kept on a rerun only when made from the same input)."
 )
+_OPTIONS = convert_flags.define()  # filters, --dedup (within each shard), --exclude
 
 
 def main(argv):
     del argv
     shards = records.expand(_INPUT.value, "--input")
     tasks = convert.webdataset_tasks(shards, _OUT_DIR.value, _PREFIX.value, max_bytes=_MAX_BYTES.value)
-    opts = convert.Options(size=_SIZE.value, quality=_QUALITY.value)
+    opts = _OPTIONS(size=_SIZE.value, quality=_QUALITY.value)
     stats = convert.run(
         tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json", _OVERWRITE.value
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import multiprocessing
@@ -40,7 +41,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from clip_jax.data import bounded, provenance, records, skips, transforms
+from clip_jax.data import bounded, dedup, filters, provenance, records, skips, transforms
 
 
 class Item(NamedTuple):
@@ -60,6 +61,9 @@ class Options:
     quality: int = 95  # JPEG quality of the re-encoded image
     max_pixels: int = transforms.MAX_PIXELS
     timeout_s: float = 10.0  # per image: decode + resize + encode
+    filters: filters.Filters = filters.Filters()
+    dedup: bool = False  # drop exact (sha256) and re-encoded (dhash) copies (see clip_jax.data.dedup)
+    exclude: str | None = None  # a file of hashes (data_pipelines/eval_hashes.py): matches dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +74,16 @@ class Task:
     read: Callable[[], Iterable[Item]]
 
 
-def reencode(data: bytes | np.ndarray, opts: Options) -> bytes:
-    """Decodes robustly (or takes uint8 [H, W, C] pixels), reduces the short side to
-    ``opts.size`` (bicubic), encodes JPEG."""
+def decode(data: bytes | np.ndarray, opts: Options) -> Image.Image:
+    """Decodes robustly (or takes uint8 [H, W, C] pixels) to an RGB image."""
     if isinstance(data, np.ndarray):
         transforms.check_pixels((data.shape[1], data.shape[0]), opts.max_pixels)
-        img = transforms.to_rgb(Image.fromarray(data.squeeze(-1) if data.shape[-1] == 1 else data))
-    else:
-        img = transforms.decode_image(data, opts.max_pixels)
+        return transforms.to_rgb(Image.fromarray(data.squeeze(-1) if data.shape[-1] == 1 else data))
+    return transforms.decode_image(data, opts.max_pixels)
+
+
+def shrink_encode(img: Image.Image, opts: Options) -> bytes:
+    """Reduces the short side to ``opts.size`` (bicubic, never enlarged), encodes JPEG."""
     w, h = img.size
     if min(w, h) > opts.size:
         scale = opts.size / min(w, h)
@@ -85,6 +91,11 @@ def reencode(data: bytes | np.ndarray, opts: Options) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=opts.quality)
     return buf.getvalue()
+
+
+def reencode(data: bytes | np.ndarray, opts: Options) -> bytes:
+    """`decode` then `shrink_encode`."""
+    return shrink_encode(decode(data, opts), opts)
 
 
 @contextlib.contextmanager
@@ -108,15 +119,25 @@ def time_limit(seconds: float):
 
 def prepare(item: Item, opts: Options) -> dict[str, Any]:
     """An input item -> a record; raises `skips.BadRecord`."""
+    return prepare_hashed(item, opts)[0]
+
+
+def prepare_hashed(item: Item, opts: Options, hashes: bool = False) -> tuple[dict[str, Any], dict | None]:
+    """An input item -> (a record, its `dedup.image_hashes` when ``hashes`` else None), after the
+    ``opts.filters``; raises `skips.BadRecord`. The one per-sample function of every converter."""
     if item.bad:
         raise skips.BadRecord(item.bad, item.detail or item.key)
     caption = skips.caption_text(item.caption)
+    filters.check_caption(caption, opts.filters)
     with time_limit(opts.timeout_s):
         image = item.image if item.image is not None else b""
-        record = {"key": item.key, "image": reencode(image, opts), "caption": caption}
+        img = decode(image, opts)
+        filters.check_image(img.size, opts.filters)
+        digest = dedup.image_hashes(image, img) if hashes else None
+        record = {"key": item.key, "image": shrink_encode(img, opts), "caption": caption}
     if item.label is not None:
         record["label"] = int(item.label)
-    return record
+    return record, digest
 
 
 MAX_EXAMPLES = 5  # skipped records named per reason in the stats (which file, which member)
@@ -163,16 +184,20 @@ def run_task(task: Task, opts: Options, overwrite: bool = False) -> dict[str, An
     os.makedirs(os.path.dirname(os.path.abspath(task.out_path)), exist_ok=True)
     tmp = f"{task.out_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     writer = ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
+    exclude = _load_exclude(opts.exclude) if opts.exclude else frozenset()
+    seen = set() if opts.dedup else None  # within this shard: the Beam pipeline dedups globally
     try:
         for item in task.read():
             stats["bytes_in"] += _size(item.image)
             try:
-                data = records.encode(prepare(item, opts))
+                record, digest = prepare_hashed(item, opts, hashes=opts.dedup or bool(exclude))
             except skips.BadRecord as e:
-                stats["skipped"][e.reason] = stats["skipped"].get(e.reason, 0) + 1
-                if len(examples := stats["skipped_examples"].setdefault(e.reason, [])) < MAX_EXAMPLES:
-                    examples.append(e.detail or item.key)
+                count_skip(stats, e.reason, e.detail or item.key)
                 continue
+            if reason := dedup.drop_reason(digest, exclude, seen):
+                count_skip(stats, reason, item.key)
+                continue
+            data = records.encode(record)
             writer.write(data)
             stats["kept"] += 1
             stats["bytes_out"] += len(data)
@@ -183,6 +208,16 @@ def run_task(task: Task, opts: Options, overwrite: bool = False) -> dict[str, An
     records.write_atomically(sidecar, json.dumps({**stats, "source": source}).encode())
     os.replace(tmp, task.out_path)  # last: the shard exists only when complete
     return stats
+
+
+_load_exclude = functools.lru_cache(maxsize=4)(dedup.load_exclude)  # once per worker process
+
+
+def count_skip(stats: dict[str, Any], reason: str, detail: str) -> None:
+    """Counts a dropped record under ``reason``, naming the first few."""
+    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+    if len(examples := stats["skipped_examples"].setdefault(reason, [])) < MAX_EXAMPLES:
+        examples.append(detail)
 
 
 def _size(image: bytes | np.ndarray | None) -> int:

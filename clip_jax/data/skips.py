@@ -24,6 +24,11 @@ REASONS = (
     "too_large",  # a member or file over the size limit (bounded.MAX_MEMBER_BYTES): never read
     "not_regular_file",  # a table names a FIFO, device or directory: never read
     "outside_root",  # a table path leaving the image folder (../, absolute, a symlink out)
+    # Conversion filters (clip_jax.data.filters), off unless asked for:
+    "too_small",  # short side under the minimum
+    "extreme_aspect",  # long side / short side over the maximum
+    "caption_too_short",
+    "caption_too_long",
 )
 REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 

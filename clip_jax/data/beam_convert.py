@@ -1,0 +1,222 @@
+"""Conversion on Apache Beam: the same records as `clip_jax.data.convert`, on many machines.
+
+The pipeline (DirectRunner locally and in tests, DataflowRunner on Google Cloud)::
+
+    tar paths -> Reshuffle -> read + `convert.prepare_hashed` (filters, decode, re-encode)
+      -> drop --exclude matches -> group by sha256 (exact copies) -> group by dhash (re-encoded
+      copies) -> one group per output shard -> ArrayRecord shards -> PREFIX-stats.json
+
+Each record is made by the local converter's own per-sample function, so both
+write the same records. Duplicates are dropped globally, across all inputs
+(group-bys on the hashes, not per shard); of each group the copy with the
+smallest key survives. A flat image (dhash 0: every solid colour shares it) is
+deduplicated by its bytes only. Within a shard records are in no set order.
+
+Every shard is written under a private temporary name (local) or uploaded in one
+piece (``gs://``, through `clip_jax.storage`), so none looks finished before it is;
+the run refuses an output prefix that already has shards. The per-image
+``timeout_s`` of `convert.Options` needs a main thread (SIGALRM); Beam runs
+DoFns in threads, so here it does not apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from clip_jax import cli, storage
+from clip_jax.data import convert, dedup, records, skips
+
+STATS = "stats"  # the tag of the counters each stage emits: (name, n)
+
+
+def _stat(name: str, n: int = 1) -> beam.pvalue.TaggedOutput:
+    return beam.pvalue.TaggedOutput(STATS, (name, n))
+
+
+class _Prepare(beam.DoFn):
+    """A tar path -> (sha256, (key, dhash, record bytes)) per kept sample; counters to `STATS`."""
+
+    def __init__(self, opts: convert.Options, reader: dict[str, Any]):
+        self.opts, self.reader = opts, reader
+
+    def setup(self):
+        self.exclude = dedup.load_exclude(self.opts.exclude) if self.opts.exclude else frozenset()
+
+    def process(self, path: str) -> Iterator[Any]:
+        hashes = self.opts.dedup or bool(self.exclude)
+        for item in convert.TarReader(path, **self.reader)():
+            yield _stat("bytes_in", len(item.image or b""))  # tar members: bytes
+            try:
+                record, digest = convert.prepare_hashed(item, self.opts, hashes=hashes)
+            except skips.BadRecord as e:
+                yield _stat(f"skipped/{e.reason}")
+                continue
+            if dedup.drop_reason(digest, self.exclude, None):
+                yield _stat("skipped/eval_excluded")
+                continue
+            digest = digest or {"sha256": "key:" + item.key, "dhash": dedup.FLAT}  # no dedup: all distinct
+            yield digest["sha256"], (item.key, digest["dhash"], records.encode(record))
+
+
+def _survivor(group: tuple[str, Iterable[tuple]], reason: str) -> Iterator[Any]:
+    """The copy with the smallest key of one hash group; the others counted under ``reason``.
+    Streams the group (a hash shared by millions of records never sits in memory)."""
+    _, copies = group
+    best, n = None, 0
+    for copy in copies:
+        n += 1
+        if best is None or copy[0] < best[0]:
+            best = copy
+    if n > 1:
+        yield _stat(f"skipped/{reason}", n - 1)
+    yield best
+
+
+def _by_dhash(copy: tuple[str, str, bytes]) -> tuple[str, tuple[str, bytes]]:
+    key, near, data = copy
+    return ("key:" + key if near == dedup.FLAT else near), (key, data)
+
+
+def _shard_of(copy: tuple[str, bytes], num_shards: int) -> tuple[int, bytes]:
+    return zlib.crc32(copy[0].encode()) % num_shards, copy[1]
+
+
+class _WriteShard(beam.DoFn):
+    """(shard index, {"records": [bytes...]}) -> shard ``index`` of ``paths``, written atomically."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def process(self, element: tuple[int, dict[str, Iterable[bytes]]]) -> Iterator[Any]:
+        index, groups = element
+        path = self.paths[index]
+        remote = storage.is_remote(path)
+        tmp_dir = tempfile.mkdtemp() if remote else os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(tmp_dir, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        writer, kept, size = ArrayRecordWriter(tmp, records.WRITER_OPTIONS), 0, 0
+        try:
+            for data in groups["records"]:
+                writer.write(data)
+                kept, size = kept + 1, size + len(data)
+        finally:
+            writer.close()
+        if remote:  # one upload, visible only when complete
+            storage.copy_file(tmp, path)
+            os.remove(tmp)
+            os.rmdir(tmp_dir)
+        else:
+            os.replace(tmp, path)
+        yield from (_stat("kept", kept), _stat("bytes_out", size), _stat("shards"))
+
+
+def _summary(counts: dict[str, int]) -> dict[str, Any]:
+    """Counters -> the summary layout of `convert.run` (skipped by reason)."""
+    stats = convert.new_stats()
+    del stats["skipped_examples"], stats["seconds"]
+    for name, n in sorted(counts.items()):
+        if name.startswith("skipped/"):
+            stats["skipped"][name.removeprefix("skipped/")] = n
+        else:
+            stats[name] = n
+    return stats
+
+
+def build(
+    p: beam.Pipeline,
+    shards: list[str],
+    paths: list[str],
+    stats_path: str,
+    opts: convert.Options,
+    reader: dict,
+) -> None:
+    """Adds the conversion of the tar ``shards`` into the shards ``paths`` to pipeline ``p``."""
+    prepared = (
+        p
+        | "tar paths" >> beam.Create(shards)
+        | "spread" >> beam.Reshuffle()  # else a runner may fuse all reads into one worker
+        | "prepare" >> beam.ParDo(_Prepare(opts, reader)).with_outputs(STATS, main="records")
+    )
+    counters = [prepared[STATS]]
+    if opts.dedup:
+        exact = (
+            prepared.records
+            | "by sha256" >> beam.GroupByKey()
+            | "exact copies" >> beam.FlatMap(_survivor, "duplicate_exact").with_outputs(STATS, main="kept")
+        )
+        near = (
+            exact.kept
+            | "key by dhash" >> beam.Map(_by_dhash)
+            | "by dhash" >> beam.GroupByKey()
+            | "near copies" >> beam.FlatMap(_survivor, "duplicate_near").with_outputs(STATS, main="kept")
+        )
+        counters += [exact[STATS], near[STATS]]
+        kept = near.kept
+    else:
+        kept = prepared.records | "drop hashes" >> beam.Map(lambda kv: (kv[1][0], kv[1][2]))
+    indices = p | "shard indices" >> beam.Create([(i, None) for i in range(len(paths))])  # empty ones too
+    written = (
+        {"records": kept | "to shards" >> beam.Map(_shard_of, len(paths)), "index": indices}
+        | "by shard" >> beam.CoGroupByKey()
+        | "write" >> beam.ParDo(_WriteShard(paths)).with_outputs(STATS, main="none")
+    )
+    counters.append(written[STATS])
+    _ = (
+        counters
+        | "all counters" >> beam.Flatten()
+        | "sum" >> beam.CombinePerKey(sum)
+        | "as dict" >> beam.combiners.ToDict()
+        | "write stats" >> beam.Map(lambda c: storage.write_json(stats_path, _summary(c)))
+    )
+
+
+def run(
+    shards: list[str],
+    out_dir: str,
+    prefix: str,
+    opts: convert.Options,
+    num_shards: int = 0,
+    reader: dict | None = None,
+    beam_args: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Converts the tar ``shards`` into ``num_shards`` (0: as many as inputs) ArrayRecord shards
+    ``OUT_DIR/PREFIX-i-of-n.array_record``; writes and returns the summary ``PREFIX-stats.json``.
+    ``beam_args``: Beam's own flags (``--runner``, ``--direct_num_workers``, Dataflow's ...)."""
+    beam_opts = PipelineOptions(list(beam_args))
+    runner = str(beam_opts.get_all_options().get("runner") or "")
+    if "Dataflow" in runner and not all(
+        storage.is_remote(x) for x in (out_dir, *shards, opts.exclude or "gs:")
+    ):
+        raise cli.UserError("--runner=DataflowRunner: --input, --out_dir and --exclude must be gs:// paths")
+    if existing := storage.glob(os.path.join(out_dir, f"{prefix}-*.array_record")):
+        raise cli.UserError(
+            f"--out_dir={out_dir} already has {len(existing)} shards {prefix}-*.array_record; "
+            "choose another --prefix or --out_dir (nothing is overwritten)"
+        )
+    paths = records.shard_paths(os.path.join(out_dir, prefix), num_shards or len(shards))
+    stats_path = os.path.join(out_dir, f"{prefix}-stats.json")
+    storage.makedirs(out_dir)
+    start = time.perf_counter()
+    with beam.Pipeline(options=beam_opts) as p:
+        build(p, shards, paths, stats_path, opts, reader or {})
+    wall = time.perf_counter() - start
+    stats = storage.read_json(stats_path)
+    done = stats["kept"] + sum(stats["skipped"].values())
+    stats.update(
+        wall_seconds=round(wall, 3),
+        shards_resumed=0,
+        images_per_sec=round(done / wall, 1),
+        options={**dataclasses.asdict(opts), "runner": runner or "DirectRunner"},
+    )
+    storage.write_json(stats_path, stats)
+    return stats

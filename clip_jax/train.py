@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from clip_jax import checkpoint, evaluate, losses, metrics, optim, sharding, storage, validation
-from clip_jax.data import pipeline, scenes, skips, transforms
+from clip_jax.data import mixture, pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip
 
@@ -46,6 +46,7 @@ class DataSpec:
     train_files: list[str]
     tokenizer: str
     scenes: scenes.ScenesDataset | None = None
+    sources: tuple[mixture.Source, ...] = ()  # a weighted mixture (then train_files: all their files)
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> clip.CLIP:
@@ -229,6 +230,9 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
             seed=spec.seed,
         )
         return DataSpec(dataset.train_files, dataset.tokenizer, dataset)
+    sources = validation.data_sources(config)
+    if sources:
+        return DataSpec([f for s in sources for f in s.files], data.tokenizer, sources=tuple(sources))
     return DataSpec(validation.data_files(config), data.tokenizer)
 
 
@@ -274,10 +278,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         skipped = skips.SkipCounter(config.data.max_skip_fraction)
         image_size, batch_size = model.config.vision.image_size, config.train.batch_size
         batches = pipeline.from_config(
-            config.data, data.train_files, tokenizer, image_size, batch_size // jax.process_count(), skipped
+            config.data,
+            data.train_files,
+            tokenizer,
+            image_size,
+            batch_size // jax.process_count(),
+            skipped,
+            data.sources,
         )
         fingerprint = checkpoint.data_fingerprint(
-            config.data, data.train_files, data.tokenizer, batch_size, image_size
+            config.data, data.train_files, data.tokenizer, batch_size, image_size, data.sources
         )
         checkpoints = checkpoint.Checkpoints(
             os.path.join(workdir, "checkpoints"), config.checkpoint, fingerprint
@@ -341,7 +351,7 @@ def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) ->
     for step in range(first_step, total_steps + 1):
         state, step_metrics = step_fn(state, sharding.to_global(next(batches), r.mesh))
         if step % config.train.log_every == 0 or step in (first_step, total_steps):
-            result["train"] = logger.write(step, step_metrics)
+            result["train"] = logger.write(step, {**step_metrics, **source_metrics(batches)})
             if skipped.total_skipped:
                 print(f"data (process {jax.process_index()}): {skipped.as_dict()}", flush=True)
         preempted = checkpoints.reached_preemption(step)
@@ -354,6 +364,14 @@ def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) ->
     if not preempted and checkpoints.latest_step() != total_steps:
         checkpoints.save(total_steps, state, batches, step_metrics, force=True)
     return {**result, "state": state, "preempted": preempted}
+
+
+def source_metrics(batches) -> dict[str, int]:
+    """``data/NAME_examples``: examples drawn from each source of a mixture so far (all hosts
+    together; a function of the data position, so exact after a resume); {} for one source."""
+    describe = getattr(batches, "describe", None)
+    sources = describe().get("sources", {}) if describe else {}
+    return {f"data/{name}_examples": s["examples"] for name, s in sources.items()}
 
 
 def evaluate_and_log(r: Run, state: TrainState, step: int, logger) -> dict:

@@ -1,0 +1,133 @@
+"""Weighted mixtures and elastic resume of the Grain training stream (tiny 8 px records).
+
+A record's key is written into its image (a solid colour, centre crop only), so the keys
+come back out of the decoded batches; the expectations are computed from the keys alone.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from test_data_multiprocess import image_key, key_image
+
+from clip_jax.data import elastic, mixture, pipeline, records, tokenizer
+
+IMAGE_SIZE = 8
+
+
+def write_source(tmp_path, name: str, keys, shards: int = 2, **fields) -> tuple[str, ...]:
+    recs = [{"key": str(k), "image": key_image(k), "caption": f"photo {k % 7}", **fields} for k in keys]
+    return tuple(records.write_shards(recs, str(tmp_path / name), shards))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tok.model"
+    tokenizer.train_sentencepiece([f"photo {i} of a thing" for i in range(50)], str(path), 32)
+    return tokenizer.Tokenizer(str(path), 8)
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mix")
+    a = mixture.Source("a", write_source(tmp, "a", range(300)), weight=0.8)
+    b = mixture.Source("b", write_source(tmp, "b", range(1000, 1200)), weight=0.2)
+    return [a, b]
+
+
+def iterator(sources, tok, local_batch, seed=5, **kw):
+    kw.setdefault("crop", None)
+    return pipeline.train_iterator(
+        sources, tok, IMAGE_SIZE, local_batch, seed=seed, num_threads=1, stall_timeout_s=None, **kw
+    )
+
+
+def keys_of(batch) -> list[int]:
+    return [image_key(img) for img in batch["image"]]
+
+
+def test_a_mixture_draws_by_weight_and_each_source_epoch_sees_every_record_once(mix, tok):
+    it = iterator(mix, tok, 64)
+    keys = [k for _ in range(50) for k in keys_of(next(it))]
+    from_a = [k for k in keys if k < 1000]
+    assert abs(len(from_a) / len(keys) - 0.8) <= 0.03
+    assert it.describe()["sources"]["a"]["examples"] == len(from_a)  # the logged counts
+    # Each source runs its own epochs: its first 300 (200) draws are its records once each.
+    assert sorted(from_a[:300]) == list(range(300))
+    assert sorted([k for k in keys if k >= 1000][:200]) == list(range(1000, 1200))
+    assert from_a[:300] != from_a[300:600]  # the next epoch is reshuffled
+    # The order is drawn from the seed: another seed, other batches, the same shares.
+    other = [k for _ in range(50) for k in keys_of(next(iterator(mix, tok, 64, seed=6)))]
+    assert other[:64] != keys[:64]
+
+
+def test_an_interrupted_mixture_resumes_bitwise_equal(mix, tok):
+    whole = iterator(mix, tok, 64, crop=pipeline.DEFAULT_CROP)
+    expected = [next(whole) for _ in range(50)]
+    first = iterator(mix, tok, 64, crop=pipeline.DEFAULT_CROP)
+    for _ in range(25):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))  # as the checkpoint stores it
+    first.close()
+    resumed = iterator(mix, tok, 64, crop=pipeline.DEFAULT_CROP)
+    resumed.set_state(state)
+    for want in expected[25:]:
+        got = next(resumed)
+        for name in ("image", "tokens"):
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def run_processes(source, tok, count: int, steps: int, state=None) -> tuple[list[list[int]], dict]:
+    """``steps`` global batches (16) read by ``count`` simulated processes; (keys per global
+    batch, the state every process would save)."""
+    its = [
+        iterator(source, tok, 16 // count, seed=3, process_index=p, process_count=count) for p in range(count)
+    ]
+    if state is not None:
+        for it in its:
+            it.set_state(json.loads(json.dumps(state)))
+    batches = [[k for it in its for k in keys_of(next(it))] for _ in range(steps)]
+    states = [it.get_state() for it in its]
+    assert all(s == states[0] for s in states)
+    return batches, states[0]
+
+
+@pytest.mark.parametrize("resume_on", [1, 4])
+def test_resuming_on_another_process_count_sees_the_rest_of_the_epoch_once(tmp_path, tok, resume_on):
+    source = write_source(tmp_path, "e", range(410), shards=3)  # an epoch ends inside step 26
+    whole, _ = run_processes(source, tok, 2, 26)
+    first, state = run_processes(source, tok, 2, 20)
+    assert first == whole[:20] and state["global_example"] == 320
+    rest, _ = run_processes(source, tok, resume_on, 6, state)
+    assert rest == whole[20:]  # the same global batches, in the same order
+    epoch = [k for batch in first + rest for k in batch][:410]
+    assert sorted(epoch) == list(range(410))  # every record once, none twice
+
+
+def test_a_mixture_resumes_on_another_process_count(mix, tok):
+    whole, _ = run_processes(mix, tok, 2, 12)
+    _, state = run_processes(mix, tok, 2, 5)
+    rest, _ = run_processes(mix, tok, 4, 7, state)
+    assert rest == whole[5:]
+
+
+def test_a_position_saved_by_other_processes_is_read_and_checked(tmp_path):
+    state = {"kind": elastic.KIND, "global_example": 320, "global_batch": 16}
+    for p in range(2):
+        (tmp_path / f"process_{p}-of-2.json").write_text(json.dumps(state))
+    assert elastic.saved_state(str(tmp_path), 0, 2) is None  # its own file: Grain reads it
+    assert elastic.saved_state(str(tmp_path), 3, 4) == state
+    (tmp_path / "process_1-of-2.json").write_text(json.dumps({"next_index": 20}))
+    with pytest.raises(elastic.PositionError, match="allow_data_change"):
+        elastic.saved_state(str(tmp_path), 0, 1)
+
+
+def test_the_schedule_is_exact_per_block_and_a_function_of_the_position():
+    schedule = mixture.Schedule.from_weights([0.7, 0.2, 0.1], seed=1)
+    located = [schedule.locate(g) for g in range(2 * mixture.BLOCK + 5)]
+    for s, count in enumerate(schedule.counts):
+        inner = [i for src, i in located if src == s]
+        assert inner == list(range(len(inner)))  # each source's stream read in order, no gaps
+        assert schedule.counts_before(mixture.BLOCK)[s] == count
+    assert schedule.counts == (2867, 819, 410)  # 4096 x weights, largest remainder
+    assert schedule.counts_before(len(located)) == np.bincount([s for s, _ in located]).tolist()

@@ -1,12 +1,12 @@
 """Two JAX processes x two CPU devices read one ArrayRecord epoch: every record once.
 
-Each process (a fresh subprocess, jax.distributed over gloo) takes its
-`pipeline.process_share`, runs the training iterator for one epoch of its share,
-makes every batch a global array over the 4 devices and gathers the global
-batch's keys with a jitted collective (a host that ran more or fewer steps than
-the other would hang, caught by the hard timeout). A record's key is written
-into its image (a solid colour, PNG, centre crop only), so the keys come back
-out of the decoded training batches.
+Each process (a fresh subprocess, jax.distributed over gloo) runs the training
+iterator for the whole global batches of one epoch (its block of each,
+`clip_jax.data.elastic`), makes every batch a global array over the 4 devices
+and gathers the global batch's keys with a jitted collective (a host that ran
+more or fewer steps than the other would hang, caught by the hard timeout). A
+record's key is written into its image (a solid colour, PNG, centre crop only),
+so the keys come back out of the decoded training batches.
 """
 
 import json
@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-NUM_RECORDS, NUM_SHARDS, LOCAL_BATCH, IMAGE_SIZE = 49, 3, 8, 8  # 49 % 2 = 1 record left out
+NUM_RECORDS, NUM_SHARDS, LOCAL_BATCH, IMAGE_SIZE = 49, 3, 8, 8  # 3 global batches of 16, then 1 left
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
 
 
@@ -48,10 +48,8 @@ def worker(address: str, process_id: int, data_dir: str, out_path: str) -> None:
     from clip_jax.data import pipeline, records, tokenizer
 
     files = records.expand(os.path.join(data_dir, "mp-*.array_record"), "files")
-    share = pipeline.process_share(files)
-    share_keys = [int(records.decode(share[i])["key"]) for i in range(len(share))]
     tok = tokenizer.Tokenizer(os.path.join(data_dir, "tok.model"), 8)
-    steps = len(share) // LOCAL_BATCH  # one epoch of this process's share
+    steps = NUM_RECORDS // (LOCAL_BATCH * jax.process_count())  # the whole global batches of an epoch
     it = pipeline.train_iterator(
         files, tok, IMAGE_SIZE, LOCAL_BATCH, seed=3, num_threads=1, crop=None, stall_timeout_s=60
     )
@@ -64,7 +62,7 @@ def worker(address: str, process_id: int, data_dir: str, out_path: str) -> None:
         local_keys += [image_key(img) for img in batch["image"]]
         rgb = np.asarray(gather(sharding.to_global(batch, mesh)["image"]))  # [B, 2] on every host
         global_keys.append([int(r) + 256 * int(g) for r, g in rgb])
-    result = {"share": share_keys, "local": local_keys, "global": global_keys, "steps": steps}
+    result = {"local": local_keys, "global": global_keys, "steps": steps}
     result["devices"] = [jax.local_device_count(), jax.device_count()]
     with open(out_path, "w") as f:
         json.dump(result, f)
@@ -110,18 +108,18 @@ def test_two_processes_read_every_record_of_an_epoch_exactly_once(tmp_path):
     hosts = [json.loads(o.read_text()) for o in outs]
     assert [h["devices"] for h in hosts] == [[2, 4], [2, 4]]
 
-    # The documented remainder: count mod processes records (the last of the last file) left out.
-    last = int(pipeline.read_all(files)[-1]["key"])
-    expected = sorted(set(range(NUM_RECORDS)) - {last})
-    assert len(expected) == NUM_RECORDS - NUM_RECORDS % NUM_PROCESSES
-    assert sorted(hosts[0]["share"] + hosts[1]["share"]) == expected  # disjoint shares, nothing lost
-
-    # One epoch of training batches: each host reads its own share once, in a shuffled order.
-    assert hosts[0]["steps"] == hosts[1]["steps"] == len(expected) // (NUM_PROCESSES * LOCAL_BATCH)
-    for h in hosts:
-        assert sorted(h["local"]) == sorted(h["share"])
-        assert h["local"] != h["share"]  # shuffled
-    # The global batches, identical on both hosts, hold every record exactly once.
+    # Each host's batches are its block of every global batch (host 0 first).
+    steps = NUM_RECORDS // (NUM_PROCESSES * LOCAL_BATCH)
+    assert hosts[0]["steps"] == hosts[1]["steps"] == steps
+    for h, host in enumerate(hosts):
+        blocks = [batch[h * LOCAL_BATCH : (h + 1) * LOCAL_BATCH] for batch in hosts[0]["global"]]
+        assert host["local"] == [k for block in blocks for k in block]
+    # The global batches, identical on both hosts, hold distinct records of the one epoch, shuffled.
     assert hosts[0]["global"] == hosts[1]["global"]
     seen = [k for step in hosts[0]["global"] for k in step]
-    assert sorted(seen) == expected
+    assert len(set(seen)) == len(seen) == steps * NUM_PROCESSES * LOCAL_BATCH
+    assert set(seen) <= set(range(NUM_RECORDS)) and seen != sorted(seen)
+    # The same global stream as one process reading all of it (the stream is global).
+    tok = tokenizer.Tokenizer(str(tmp_path / "tok.model"), 8)
+    alone = pipeline.train_iterator(files, tok, IMAGE_SIZE, 16, seed=3, num_threads=1, crop=None)
+    assert [[image_key(img) for img in next(alone)["image"]] for _ in range(steps)] == hosts[0]["global"]

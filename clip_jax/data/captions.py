@@ -13,6 +13,7 @@ for a synthetic set); a str field is one caption, a list field several.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from clip_jax.data import skips
 
 # Bounds for untrusted records: more captions than this are cut, not all decoded.
 MAX_CAPTIONS = 64
+# A webdataset ``.json`` sidecar larger than this is not parsed for captions.
+MAX_JSON_BYTES = 1 << 20
 
 
 def raw_captions(record: Mapping[str, Any], field: str | None = None) -> list:
@@ -105,3 +108,31 @@ def for_table(values: Sequence[Any]) -> list[str]:
         if text:
             out.append(text)
     return out
+
+
+def record_fields(raw: str | bytes | Sequence | None) -> dict[str, Any]:
+    """A converter's caption value(s) -> the record's fields: ``{"caption": text}`` for one,
+    ``{"caption": first, "captions": [all]}`` for several (blank ones left out).
+
+    Raises `skips.BadRecord` (missing or empty caption).
+    """
+    texts = all_texts({"captions": list(raw)} if isinstance(raw, (list, tuple)) else {"caption": raw})
+    return {"caption": texts[0]} if len(texts) == 1 else {"caption": texts[0], "captions": texts}
+
+
+def from_webdataset(txt: bytes | None, json_bytes: bytes | None) -> bytes | list | None:
+    """The caption(s) of a webdataset sample: a list from the ``.json`` sidecar's
+    ``"captions"`` (or a ``.json`` that is a list of str), else ``.txt`` with one caption
+    per line (a list when it has several non-blank lines), else None."""
+    if json_bytes and len(json_bytes) <= MAX_JSON_BYTES:
+        try:
+            meta = json.loads(json_bytes)
+        except ValueError:
+            meta = None
+        listed = meta.get("captions") if isinstance(meta, dict) else meta
+        if isinstance(listed, list) and listed and all(isinstance(c, str) for c in listed):
+            return listed[:MAX_CAPTIONS]
+    if txt is None:
+        return None
+    lines = [line for line in txt.splitlines() if line.strip()]
+    return lines[:MAX_CAPTIONS] if len(lines) > 1 else txt

@@ -31,14 +31,14 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from clip_jax.data import records, skips, transforms
+from clip_jax.data import captions, records, skips, transforms
 
 
 class Item(NamedTuple):
@@ -46,7 +46,7 @@ class Item(NamedTuple):
 
     key: str
     image: bytes | np.ndarray | None  # encoded bytes, or uint8 [H, W, C] pixels (TFDS)
-    caption: str | bytes | None
+    caption: str | bytes | list | None  # a list: several captions (captions.record_fields)
     label: int | None = None
     bad: str | None = None
 
@@ -107,10 +107,10 @@ def prepare(item: Item, opts: Options) -> dict[str, Any]:
     """An input item -> a record; raises `skips.BadRecord`."""
     if item.bad:
         raise skips.BadRecord(item.bad, item.key)
-    caption = skips.caption_text(item.caption)
+    caption = captions.record_fields(item.caption)
     with time_limit(opts.timeout_s):
         image = item.image if item.image is not None else b""
-        record = {"key": item.key, "image": reencode(image, opts), "caption": caption}
+        record = {"key": item.key, "image": reencode(image, opts), **caption}
     if item.label is not None:
         record["label"] = int(item.label)
     return record
@@ -230,7 +230,8 @@ class TarReader:
         for sample in webdataset.iter_tar_file(self.path):
             label = sample.get("cls")
             label = int(label) if label and not sample["bad"] else None
-            yield Item(sample["key"], sample["image"], sample["caption"], label, sample["bad"])
+            caption = captions.from_webdataset(sample["caption"], sample["json"])
+            yield Item(sample["key"], sample["image"], caption, label, sample["bad"])
 
 
 def webdataset_tasks(shards: list[str], out_dir: str, prefix: str) -> list[Task]:
@@ -278,19 +279,31 @@ def folder_tasks(
     prefix: str,
     rows_per_shard: int = 10_000,
     image_column: str = "file",
-    caption_column: str = "caption",
+    caption_column: str | Sequence[str] = "caption",
     label_column: str | None = None,
+    merge_rows: bool = False,
 ) -> list[Task]:
-    """Tasks for an image folder and a caption table, ``rows_per_shard`` rows per output shard."""
+    """Tasks for an image folder and a caption table, ``rows_per_shard`` rows per output shard.
+
+    Several ``caption_column`` s (COCO-style tables): every non-blank one is kept
+    (``captions``). ``merge_rows``: rows naming the same image are one record with all
+    their captions (tables with one row per caption), in table order.
+    """
     rows = read_table(table)
-    if rows and (image_column not in rows[0] or caption_column not in rows[0]):
-        raise KeyError(f"{table} needs columns {image_column!r} and {caption_column!r}; has {list(rows[0])}")
-    items = []
+    columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
+    if rows and (image_column not in rows[0] or any(c not in rows[0] for c in columns)):
+        raise KeyError(f"{table} needs columns {image_column!r} and {columns}; has {list(rows[0])}")
+    items, where = [], {}
     for i, row in enumerate(rows):
         label = row.get(label_column) if label_column else None
         path = os.path.join(image_dir, str(row[image_column]))
         key = os.path.splitext(str(row[image_column]))[0] or str(i)
-        caption = row[caption_column]
+        caption = row[columns[0]] if len(columns) == 1 else captions.for_table([row[c] for c in columns])
+        if merge_rows and path in where:
+            items[where[path]][2].extend(caption if isinstance(caption, list) else [caption])
+            continue
+        where[path] = len(items)
+        caption = caption if len(columns) > 1 or not merge_rows else [caption]
         items.append((key, path, caption, int(label) if label not in (None, "") else None))
     chunks = [tuple(items[i : i + rows_per_shard]) for i in range(0, len(items), rows_per_shard)]
     paths = records.shard_paths(os.path.join(out_dir, prefix), len(chunks))

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from clip_jax import storage
-from clip_jax.data import pipeline, skips
+from clip_jax.data import captions, pipeline, skips
 from clip_jax.data.tokenizer import Tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -174,7 +174,8 @@ class _DecodeSample:
 
     def __call__(self, sample: dict) -> dict:
         rng = np.random.default_rng(sample["rng_seed"])
-        return self.decode(sample, rng)
+        texts = captions.from_webdataset(sample["caption"], sample.get("json"))
+        return self.decode({**sample, "caption": texts}, rng)
 
 
 class DecodeSkipBad(grain.IterDataset):

@@ -351,7 +351,10 @@ def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) ->
     for step in range(first_step, total_steps + 1):
         state, step_metrics = step_fn(state, sharding.to_global(next(batches), r.mesh))
         if step % config.train.log_every == 0 or step in (first_step, total_steps):
-            result["train"] = logger.write(step, {**step_metrics, **source_metrics(batches)})
+            drawn = source_metrics(batches)
+            result["train"] = logger.write(step, {**step_metrics, **drawn})
+            if drawn and r.primary:
+                print(f"data: examples per source {drawn}", flush=True)
             if skipped.total_skipped:
                 print(f"data (process {jax.process_index()}): {skipped.as_dict()}", flush=True)
         preempted = checkpoints.reached_preemption(step)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_data_multiprocess import image_key, key_image
 
+from clip_jax import config_defaults, validation
 from clip_jax.data import elastic, mixture, pipeline, records, tokenizer
 
 IMAGE_SIZE = 8
@@ -131,3 +132,45 @@ def test_the_schedule_is_exact_per_block_and_a_function_of_the_position():
         assert schedule.counts_before(mixture.BLOCK)[s] == count
     assert schedule.counts == (2867, 819, 410)  # 4096 x weights, largest remainder
     assert schedule.counts_before(len(located)) == np.bincount([s for s, _ in located]).tolist()
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"weight": 0.0}, "config.data.sources.b.weight=0.0 must be a number > 0"),
+        ({"weight": -1}, "config.data.sources.b.weight=-1 must be a number > 0"),
+        ({"weight": "x"}, "config.data.sources.b.weight='x' must be a number > 0"),
+        (
+            {"files": "/nowhere/*.array_record"},
+            "config.data.sources.b.files='/nowhere/*.array_record' matches",
+        ),
+        ({"format": "webdataset"}, "config.data.sources.b.format='webdataset': a mixture source must be"),
+        ({"wieght": 1}, "config.data.sources.b: unknown field(s) ['wieght']"),
+        ({"weight": 1e-6}, "config.data.sources.b.weight=1e-06 is below 1/4096 of the total"),
+    ],
+)
+def test_a_bad_source_is_one_line_naming_its_field(mix, source, message):
+    config = config_defaults.base_config()
+    config.data.tokenizer = "tok.model"
+    good = {"files": ",".join(mix[0].files), "weight": 1.0}
+    config.data.sources = {"a": good, "b": {**good, **source}}
+    with pytest.raises(validation.ConfigError) as error:
+        validation.check_data(config.data)
+        validation.data_sources(config)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_sources_resolve_sorted_by_name_and_exclude_train_files(mix):
+    config = config_defaults.base_config()
+    config.data.sources = {
+        "z": {"files": ",".join(mix[1].files), "weight": 1, "caption_field": "recaption"},
+        "a": {"files": mix[0].files[0], "weight": 3},
+    }
+    resolved = validation.data_sources(config)
+    assert [(s.name, s.files, s.weight, s.caption_field) for s in resolved] == [
+        ("a", mix[0].files[:1], 3.0, None),
+        ("z", mix[1].files, 1.0, "recaption"),
+    ]
+    config.data.train_files = "x"
+    with pytest.raises(validation.ConfigError, match="config.data.sources and config.data.train_files"):
+        validation.check_data(config.data)

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from absl import flags
 from test_data_multiprocess import image_key, key_image
 
 from clip_jax import config_defaults, train, validation
@@ -175,3 +176,24 @@ def test_sources_resolve_sorted_by_name_and_exclude_train_files(mix):
     config.data.train_files = "x"
     with pytest.raises(validation.ConfigError, match="config.data.sources and config.data.train_files"):
         validation.check_data(config.data)
+
+
+@pytest.mark.slow  # starts Grain worker processes (~15 s on 2 busy cores)
+def test_worker_processes_give_the_same_batches_and_resume(mix, tok):
+    if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags (cli.run parses them)
+        flags.FLAGS.mark_as_parsed()
+
+    def keys(state=None, steps=6, **kw):
+        it = iterator(mix, tok, 32, seed=1, **kw)
+        if state is not None:
+            it.set_state(state)
+        out = [keys_of(next(it)) for _ in range(steps)]
+        state = it.get_state()
+        it.close()
+        return out, state
+
+    threads, _ = keys()
+    workers, _ = keys(num_workers=2)
+    _, state = keys(steps=3, num_workers=2)
+    resumed, _ = keys(state, steps=3, num_workers=2)
+    assert workers == threads and resumed == threads[3:]

@@ -117,11 +117,20 @@ class GlobalIterator(grain.DatasetIterator):
         self._position = int(state["global_example"])
 
     def close(self) -> None:
-        if self._inner is not None:
-            close = getattr(self._inner, "close", None)
-            if close is not None:
-                close()
-            self._inner = None
+        """Stops the current pipeline: every iterator of the chain (worker processes included)."""
+        # Each one, not only the outermost: a Grain worker-process iterator left unreachable
+        # but open is closed twice at interpreter exit (by its finalizer and its collection),
+        # which raises inside Grain.
+        stack, seen = [self._inner], set()
+        while stack:
+            it = stack.pop()
+            if it is None or id(it) in seen:
+                continue
+            seen.add(id(it))
+            if callable(getattr(it, "close", None)):
+                it.close()
+            stack.extend(getattr(it, "_parents", ()))
+        self._inner = None
 
 
 def saved_state(data_dir: str, process_index: int, process_count: int) -> dict | None:

@@ -117,10 +117,7 @@ def data_fingerprint(
         "shuffle_seed": data.shuffle_seed,
         "batch_size": batch_size,
         **({"process_count": jax.process_count()} if streaming else {"stream": elastic.KIND}),
-        "sources": [
-            [s.name, [os.path.basename(f) for f in s.files], s.weight, s.caption_field] for s in sources
-        ],
-        "caption_field": data.get("caption_field"),
+        **_caption_and_source_fields(data, sources),
         "image_size": image_size,
         "tokenizer_sha256": _tokenizer_hash(tokenizer),
         "augmentation": [
@@ -131,6 +128,18 @@ def data_fingerprint(
         # A TFDS source is named by its config, not by its files alone (split slices, keys).
         "tfds": [data.get(k) for k in _TFDS_FIELDS] if data.format == "tfds" else None,
     }
+
+
+def _caption_and_source_fields(data: ml_collections.ConfigDict, sources) -> dict:
+    """The mixture and the caption field, only when set (older fingerprints lack them)."""
+    fields = {}
+    if sources:
+        fields["sources"] = [
+            [s.name, [os.path.basename(f) for f in s.files], s.weight, s.caption_field] for s in sources
+        ]
+    if data.get("caption_field"):
+        fields["caption_field"] = data.caption_field
+    return fields
 
 
 _TFDS_FIELDS = ("tfds_name", "tfds_split", "image_key", "caption_key", "label_key", "caption_template")

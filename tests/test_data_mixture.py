@@ -4,14 +4,16 @@ A record's key is written into its image (a solid colour, centre crop only), so 
 come back out of the decoded batches; the expectations are computed from the keys alone.
 """
 
+import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
 from test_data_multiprocess import image_key, key_image
 
-from clip_jax import config_defaults, train, validation
+from clip_jax import checkpoint, config_defaults, train, validation
 from clip_jax.data import elastic, mixture, pipeline, records, tokenizer
 
 IMAGE_SIZE = 8
@@ -197,3 +199,13 @@ def test_worker_processes_give_the_same_batches_and_resume(mix, tok):
     _, state = keys(steps=3, num_workers=2)
     resumed, _ = keys(state, steps=3, num_workers=2)
     assert workers == threads and resumed == threads[3:]
+
+
+def test_the_fingerprint_names_a_changed_weight_not_a_changed_process_count(mix, monkeypatch):
+    data = config_defaults.base_config().data
+    fingerprint = lambda sources: checkpoint.data_fingerprint(data, [], "tok.model", 64, 8, sources)
+    base = fingerprint(mix)
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    assert checkpoint.data_changes(base, fingerprint(mix)) == []
+    heavier = [mix[0], dataclasses.replace(mix[1], weight=0.5)]
+    assert [c.split(":")[0] for c in checkpoint.data_changes(base, fingerprint(heavier))] == ["sources"]

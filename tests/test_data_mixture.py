@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from conftest import load_config
 from test_data_multiprocess import image_key, key_image
 
 from clip_jax import checkpoint, config_defaults, train, validation
@@ -209,3 +210,25 @@ def test_the_fingerprint_names_a_changed_weight_not_a_changed_process_count(mix,
     assert checkpoint.data_changes(base, fingerprint(mix)) == []
     heavier = [mix[0], dataclasses.replace(mix[1], weight=0.5)]
     assert [c.split(":")[0] for c in checkpoint.data_changes(base, fingerprint(heavier))] == ["sources"]
+
+
+@pytest.mark.slow  # a short training run of the demo model (compiles the step)
+def test_a_run_on_a_mixture_logs_examples_per_source_and_saves_its_position(tmp_path, scenes_dataset):
+    config = load_config("demo")
+    del config.data["scenes"]
+    files = scenes_dataset.train_files  # 4 shards of 128 records
+    config.data.tokenizer = scenes_dataset.tokenizer
+    config.data.sources = {
+        "left": {"files": ",".join(files[:2]), "weight": 3.0},
+        "right": {"files": ",".join(files[2:]), "weight": 1.0, "caption_field": "caption"},
+    }
+    config.train.update(batch_size=32, total_steps=4, log_every=2)
+    train.run(config, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 4]
+    for r in rows:
+        assert r["data/left_examples"] + r["data/right_examples"] == 32 * r["step"]
+    assert abs(rows[-1]["data/left_examples"] / 128 - 0.75) <= 0.1
+    saved = json.loads((tmp_path / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
+    assert saved["kind"] == elastic.KIND and saved["global_example"] == 128
+    assert saved["sources"]["left"]["examples"] == rows[-1]["data/left_examples"]

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from clip_jax import checkpoint, evaluate, losses, metrics, optim, sharding, storage, validation
-from clip_jax.data import mixture, pipeline, scenes, skips, transforms
+from clip_jax.data import elastic, mixture, pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip
 
@@ -351,7 +351,7 @@ def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) ->
     for step in range(first_step, total_steps + 1):
         state, step_metrics = step_fn(state, sharding.to_global(next(batches), r.mesh))
         if step % config.train.log_every == 0 or step in (first_step, total_steps):
-            drawn = source_metrics(batches)
+            drawn = elastic.source_metrics(batches)
             result["train"] = logger.write(step, {**step_metrics, **drawn})
             if drawn and r.primary:
                 print(f"data: examples per source {drawn}", flush=True)
@@ -367,14 +367,6 @@ def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) ->
     if not preempted and checkpoints.latest_step() != total_steps:
         checkpoints.save(total_steps, state, batches, step_metrics, force=True)
     return {**result, "state": state, "preempted": preempted}
-
-
-def source_metrics(batches) -> dict[str, int]:
-    """``data/NAME_examples``: examples drawn from each source of a mixture so far (all hosts
-    together; a function of the data position, so exact after a resume); {} for one source."""
-    describe = getattr(batches, "describe", None)
-    sources = describe().get("sources", {}) if describe else {}
-    return {f"data/{name}_examples": s["examples"] for name, s in sources.items()}
 
 
 def evaluate_and_log(r: Run, state: TrainState, step: int, logger) -> dict:

@@ -57,7 +57,8 @@ def test_a_mixture_draws_by_weight_and_each_source_epoch_sees_every_record_once(
     from_a = [k for k in keys if k < 1000]
     assert abs(len(from_a) / len(keys) - 0.8) <= 0.03
     # The counts the train loop logs (data/NAME_examples) are the examples drawn.
-    assert train.source_metrics(it) == {"data/a_examples": len(from_a), "data/b_examples": 3200 - len(from_a)}
+    logged = {"data/a_examples": len(from_a), "data/b_examples": 3200 - len(from_a)}
+    assert elastic.source_metrics(it) == logged
     # Each source runs its own epochs: its first 300 (200) draws are its records once each.
     assert sorted(from_a[:300]) == list(range(300))
     assert sorted([k for k in keys if k >= 1000][:200]) == list(range(1000, 1200))

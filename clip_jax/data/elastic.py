@@ -133,6 +133,15 @@ class GlobalIterator(grain.DatasetIterator):
         self._inner = None
 
 
+def source_metrics(batches) -> dict[str, int]:
+    """``data/NAME_examples``: examples drawn from each source of a mixture so far (all hosts
+    together; a function of the data position, so exact after a resume); {} for one source
+    or an iterator without a global position."""
+    describe = getattr(batches, "describe", None)
+    sources = describe().get("sources", {}) if describe else {}
+    return {f"data/{name}_examples": s["examples"] for name, s in sources.items()}
+
+
 def saved_state(data_dir: str, process_index: int, process_count: int) -> dict | None:
     """The position saved in a checkpoint's ``data`` directory by ANOTHER number of processes
     (every process saved the same global position), or None when this process's own file is

@@ -76,7 +76,8 @@ class GlobalIterator(grain.DatasetIterator):
         super().__init__()
         self._build, self._global_batch, self._describe = build, global_batch, describe
         self._position = 0
-        self._inner: grain.DatasetIterator | None = None
+        # Built now, as a plain Grain iterator would be: reading can start during the compile.
+        self._inner: grain.DatasetIterator | None = build(0)
 
     @property
     def position(self) -> int:
@@ -115,6 +116,7 @@ class GlobalIterator(grain.DatasetIterator):
             )
         self.close()
         self._position = int(state["global_example"])
+        self._inner = self._build(self._position)
 
     def close(self) -> None:
         """Stops the current pipeline: every iterator of the chain (worker processes included)."""

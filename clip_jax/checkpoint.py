@@ -26,8 +26,10 @@ What orbax does not do, done here:
 - Preemption: ``reached_preemption(step)`` is orbax's sync point (all
   processes agree on the step to save at after a SIGTERM); it needs
   ``jax.distributed`` initialised, which ``main.py`` does even on one host.
-- A changed data config (files, seed, batch size, process count, image size,
-  tokenizer) refuses to resume unless ``allow_data_change`` says so.
+- A changed data config (files, sources and weights, seed, batch size, image
+  size, tokenizer) refuses to resume unless ``allow_data_change`` says so. The
+  process count may change (`clip_jax.data.elastic`: the data position is a
+  global one), except for the streaming "webdataset" reader.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from clip_jax import cli, storage
+from clip_jax.data import elastic
 
 MANIFEST = "checksums.json"
 
@@ -119,14 +122,21 @@ def data_fingerprint(
     tokenizer: str,
     batch_size: int,
     image_size: int,
+    sources: list | tuple = (),
 ) -> dict:
-    """What decides the sequence of batches. Files by name (a moved dataset may resume)."""
+    """What decides the sequence of batches. Files by name (a moved dataset may resume).
+
+    The process count only for "webdataset" (its position is per process); ``sources``
+    (`mixture.Source`: a mixture) by name, files, weight and caption field.
+    """
+    streaming = data.format == "webdataset" and not sources
     return {
         "train_files": [os.path.basename(f) for f in train_files],
         "format": data.format,
         "shuffle_seed": data.shuffle_seed,
         "batch_size": batch_size,
-        "process_count": jax.process_count(),
+        **({"process_count": jax.process_count()} if streaming else {"stream": elastic.KIND}),
+        **_caption_and_source_fields(data, sources),
         "image_size": image_size,
         "tokenizer_sha256": _tokenizer_hash(tokenizer),
         "augmentation": [
@@ -137,6 +147,18 @@ def data_fingerprint(
         # A TFDS source is named by its config, not by its files alone (split slices, keys).
         "tfds": [data.get(k) for k in _TFDS_FIELDS] if data.format == "tfds" else None,
     }
+
+
+def _caption_and_source_fields(data: ml_collections.ConfigDict, sources) -> dict:
+    """The mixture and the caption field, only when set (older fingerprints lack them)."""
+    fields = {}
+    if sources:
+        fields["sources"] = [
+            [s.name, [os.path.basename(f) for f in s.files], s.weight, s.caption_field] for s in sources
+        ]
+    if data.get("caption_field"):
+        fields["caption_field"] = data.caption_field
+    return fields
 
 
 _TFDS_FIELDS = ("tfds_name", "tfds_split", "image_key", "caption_key", "label_key", "caption_template")
@@ -252,7 +274,10 @@ class Checkpoints:
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
             )
             items = {"state": ocp.args.StandardRestore(target)}
-            if restore_data:
+            # Saved by another number of processes: the global position, read here (Grain reads
+            # only this process's own file).
+            moved = self._elastic_position(step) if restore_data else None
+            if restore_data and moved is None:
                 items["data"] = grain.checkpoint.CheckpointRestore(iterator)
             try:
                 state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
@@ -262,8 +287,17 @@ class Checkpoints:
                     f"checkpoint step {step} in {self.directory} does not fit this run's model or "
                     f"optimizer ({why}); use a new --workdir or the run's config"
                 ) from e
+            if moved is not None:
+                iterator.set_state(moved)
         self._set_aside(aside, step)
         return None if step is None else state
+
+    def _elastic_position(self, step: int) -> dict | None:
+        data_dir = os.path.join(self.step_dir(step), "data")
+        try:
+            return elastic.saved_state(data_dir, jax.process_index(), jax.process_count())
+        except elastic.PositionError as e:
+            raise DataChangedError(f"checkpoint step {step}: {e}") from None
 
     def save(self, step: int, state, iterator, step_metrics=None, force: bool = False) -> bool:
         """Saves when ``step`` is on the cadence (or ``force``); returns whether it saved.

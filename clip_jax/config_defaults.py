@@ -63,6 +63,11 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict(
         {
             "train_files": config_dict.placeholder(str),  # glob(s) of ArrayRecord shards
+            # A weighted mixture instead of train_files: {name: {"files": glob(s), "weight": w,
+            # "format": "array_record", "caption_field": None}} (clip_jax/data/mixture.py).
+            "sources": ConfigDict(),
+            # The record field with the caption(s) (None: "captions", a list, or "caption").
+            "caption_field": config_dict.placeholder(str),
             "tokenizer": config_dict.placeholder(str),  # sentencepiece .model file
             # "array_record" | "webdataset" (img2dataset tar shards read directly) | "tfds"
             "format": "array_record",

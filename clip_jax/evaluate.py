@@ -24,7 +24,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from clip_jax import cli, diagnostics, storage, zeroshot_metadata
-from clip_jax.data import pipeline, records, scenes
+from clip_jax.data import captions, pipeline, records, scenes, skips
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.eval import linear_probe as probe
 from clip_jax.eval import retrieval, sources
@@ -214,14 +214,18 @@ def class_prompts(dataset: str, found_names) -> list[list[str]]:
 
 
 def caption_retrieval(encoder, tokenizer, pattern: str, image_size: int) -> dict:
-    """ArrayRecord records with ``captions`` (list) or ``caption``: every caption a query."""
-    images, captions, owner = [], [], []
+    """ArrayRecord records with ``captions`` (list) or ``caption``: every non-blank caption a query
+    (a record without one is left out)."""
+    images, texts, owner = [], [], []
     for record in records.read_all(records.expand(pattern, "--dataset=array_record:GLOB"))[: FLAGS.limit]:
-        texts = record.get("captions") or [record["caption"]]
+        try:
+            own = captions.all_texts(record)
+        except skips.BadRecord:
+            continue
         images.append(sources._decode(record["image"], image_size))
-        captions += [t.decode() if isinstance(t, bytes) else t for t in texts]
-        owner += [len(images) - 1] * len(texts)
-    image_emb, text_emb = encoder.images(np.stack(images)), encoder.texts(tokenizer(captions))
+        texts += own
+        owner += [len(images) - 1] * len(own)
+    image_emb, text_emb = encoder.images(np.stack(images)), encoder.texts(tokenizer(texts))
     return retrieval.retrieval_metrics(image_emb, text_emb, np.asarray(owner))
 
 

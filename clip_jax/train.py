@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from clip_jax import checkpoint, evaluate, lock, losses, metrics, optim, sharding, storage, validation
-from clip_jax.data import pipeline, scenes, skips, transforms
+from clip_jax.data import elastic, mixture, pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip, shapes
 
@@ -47,6 +47,7 @@ class DataSpec:
     train_files: list[str]
     tokenizer: str
     scenes: scenes.ScenesDataset | None = None
+    sources: tuple[mixture.Source, ...] = ()  # a weighted mixture (then train_files: all their files)
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> clip.CLIP:
@@ -251,6 +252,9 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
             )
         dataset = scenes.ensure_dataset(directory, seed=spec.seed, **sizes)
         return DataSpec(dataset.train_files, dataset.tokenizer, dataset)
+    sources = validation.data_sources(config)
+    if sources:
+        return DataSpec([f for s in sources for f in s.files], data.tokenizer, sources=tuple(sources))
     return DataSpec(validation.data_files(config), data.tokenizer)
 
 
@@ -299,10 +303,16 @@ def _run(r: Run) -> dict[str, Any]:
     skipped = skips.SkipCounter(config.data.max_skip_fraction)
     image_size = r.model.config.vision.image_size
     batches = pipeline.from_config(
-        config.data, r.data.train_files, r.tokenizer, image_size, batch_size // jax.process_count(), skipped
+        config.data,
+        r.data.train_files,
+        r.tokenizer,
+        image_size,
+        batch_size // jax.process_count(),
+        skipped,
+        r.data.sources,
     )
     fingerprint = checkpoint.data_fingerprint(
-        config.data, r.data.train_files, r.data.tokenizer, batch_size, image_size
+        config.data, r.data.train_files, r.data.tokenizer, batch_size, image_size, r.data.sources
     )
     checkpoints = checkpoint.Checkpoints(
         os.path.join(r.workdir, "checkpoints"), config.checkpoint, fingerprint
@@ -383,7 +393,10 @@ def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) ->
     for step in range(first_step, total_steps + 1):
         state, step_metrics = step_fn(state, sharding.to_global(next(batches), r.mesh))
         if step % config.train.log_every == 0 or step in (first_step, total_steps):
-            result["train"] = logger.write(step, step_metrics)
+            drawn = elastic.source_metrics(batches)
+            result["train"] = logger.write(step, {**step_metrics, **drawn})
+            if drawn and r.primary:
+                print(f"data: examples per source {drawn}", flush=True)
             if skipped.total_skipped:
                 print(f"data (process {jax.process_index()}): {skipped.as_dict()}", flush=True)
         preempted = checkpoints.reached_preemption(step)

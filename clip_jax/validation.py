@@ -11,7 +11,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from clip_jax import cli, losses, sharding, storage
-from clip_jax.data import pipeline, records
+from clip_jax.data import mixture, pipeline, records
 from clip_jax.interop import overrides
 from clip_jax.models import layers, shapes
 
@@ -118,7 +118,15 @@ def check_data(data: ml_collections.ConfigDict) -> None:
     _check_range("crop_ratio", data.crop_ratio, 0.0, float("inf"))
     if data.get("scenes"):
         return
-    if data.format == "tfds":
+    if data.get("sources"):
+        _require(
+            not data.train_files,
+            "config.data.sources and config.data.train_files are both set: give the files in "
+            "config.data.sources.NAME.files only",
+        )
+        for name, source in data.sources.items():
+            _check_source(name, source)
+    elif data.format == "tfds":
         _require(
             bool(data.tfds_name),
             "config.data.tfds_name is required with config.data.format='tfds': pass "
@@ -141,6 +149,66 @@ def check_data(data: ml_collections.ConfigDict) -> None:
         "config.data.tokenizer is required: pass --config.data.tokenizer=PATH.model "
         "(a sentencepiece model; data_pipelines/train_tokenizer.py makes one)",
     )
+
+
+# The fields a mixture source may have (config.data.sources.NAME.*).
+SOURCE_FIELDS = ("files", "weight", "format", "caption_field")
+SOURCE_FORMATS = ("array_record",)  # random access: the position is global (data/elastic.py)
+
+
+def _check_source(name: str, source) -> None:
+    """``config.data.sources.NAME``: known fields, files given, a positive finite weight."""
+    field = f"config.data.sources.{name}"
+    _require(
+        isinstance(source, ml_collections.ConfigDict),
+        f"{field} must be a dict with {list(SOURCE_FIELDS)}, not {source!r}",
+    )
+    unknown = sorted(set(source.keys()) - set(SOURCE_FIELDS))
+    _require(not unknown, f"{field}: unknown field(s) {unknown}; a source has {list(SOURCE_FIELDS)}")
+    _require(bool(source.get("files")), f"{field}.files is required (glob(s) of ArrayRecord shards)")
+    weight = source.get("weight", 1.0)
+    _require(
+        isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight < float("inf"),
+        f"{field}.weight={weight!r} must be a number > 0",
+    )
+    fmt = source.get("format", "array_record")
+    _require(
+        fmt in SOURCE_FORMATS,
+        f"{field}.format={fmt!r}: a mixture source must be one of {list(SOURCE_FORMATS)} "
+        "(streamed tar shards have no global position; convert them with data_pipelines/)",
+    )
+
+
+def data_sources(config: ml_collections.ConfigDict) -> list[mixture.Source]:
+    """``config.data.sources`` resolved (files globbed), sorted by name; [] for a single source.
+
+    Raises `ConfigError` naming the source's field when its files match nothing, are in an
+    object store, or its weight is too small to be drawn.
+    """
+    data = config.data
+    if not data.get("sources"):
+        return []
+    out = []
+    for name in sorted(data.sources.keys()):
+        source = data.sources[name]
+        _check_source(name, source)
+        field = f"config.data.sources.{name}.files"
+        try:
+            files = records.expand(source.files, field)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        remote = [f for f in files if storage.is_remote(f)]
+        _require(not remote, f"{field}: {remote[0] if remote else ''} is in an object store: mount it")
+        fmt, caption_field = source.get("format", "array_record"), source.get("caption_field")
+        out.append(mixture.Source(name, tuple(files), float(source.get("weight", 1.0)), fmt, caption_field))
+    total = sum(s.weight for s in out)
+    for s in out:
+        _require(
+            s.weight / total * mixture.BLOCK >= 1,
+            f"config.data.sources.{s.name}.weight={s.weight} is below 1/{mixture.BLOCK} of the total "
+            f"({total}): it would never be drawn",
+        )
+    return out
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

@@ -22,7 +22,8 @@ _IMAGE_DIR = flags.DEFINE_string("image_dir", ".", "Directory the image column i
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the ArrayRecord shards go.", required=True)
 _PREFIX = flags.DEFINE_string("prefix", "train", "Output file name prefix.")
 _IMAGE_COL = flags.DEFINE_string("image_column", "file", "Column with the image path.")
-_CAPTION_COL = flags.DEFINE_string("caption_column", "caption", "Column with the caption.")
+_CAPTION_COL = flags.DEFINE_list("caption_column", ["caption"], "Column(s) with captions (all kept).")
+_MERGE = flags.DEFINE_bool("merge_rows", False, "Rows naming the same image: one record, all captions.")
 _LABEL_COL = flags.DEFINE_string("label_column", None, "Optional column with an integer label.")
 _ROWS = flags.DEFINE_integer("rows_per_shard", 10_000, "Rows per output shard.")
 _SIZE = flags.DEFINE_integer("size", 256, "Short side of the stored images (never enlarged).")
@@ -56,6 +57,7 @@ def main(argv):
         label_column=_LABEL_COL.value,
         max_bytes=_MAX_BYTES.value,
         allow_outside_root=_OUTSIDE.value,
+        merge_rows=_MERGE.value,
     )
     opts = _OPTIONS(size=_SIZE.value)
     stats = convert.run(

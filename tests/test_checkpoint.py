@@ -14,6 +14,7 @@ from conftest import load_config
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clip_jax import checkpoint, sharding, train
+from clip_jax.data import elastic
 
 
 def small_demo(scenes_dataset):
@@ -246,7 +247,12 @@ def test_the_fingerprint_follows_the_data_config(scenes_dataset):
     config = load_config("demo")
     files, tokenizer = scenes_dataset.train_files, scenes_dataset.tokenizer
     base = checkpoint.data_fingerprint(config.data, files, tokenizer, 32, 40)
-    assert base["train_files"] == [pathlib.Path(f).name for f in files] and base["process_count"] == 1
+    assert base["train_files"] == [pathlib.Path(f).name for f in files]
+    # The position is global: another process count resumes (only the streaming reader's is not).
+    assert "process_count" not in base and base["stream"] == elastic.KIND
+    config.data.format = "webdataset"
+    assert checkpoint.data_fingerprint(config.data, files, tokenizer, 32, 40)["process_count"] == 1
+    config.data.format = "array_record"
     assert base == checkpoint.data_fingerprint(config.data, files, tokenizer, 32, 40)
     config.data.shuffle_seed = 7
     other = checkpoint.data_fingerprint(config.data, files[:-1], tokenizer, 64, 48)
@@ -286,3 +292,41 @@ def test_a_checkpoint_saved_on_4_devices_restores_on_8_bitwise_equal(tmp_path, s
     assert int(state8.step) == 0
     assert_trees_bitwise_equal(state8.params, state4.params)
     assert_trees_bitwise_equal(state8.opt_state, state4.opt_state)
+
+
+class CountingIterator(elastic.GlobalIterator):
+    """A GlobalIterator over the integers (global batch 4), without a data pipeline."""
+
+    def __init__(self):
+        super().__init__(lambda start: iter(range(start, 10**6, 4)), 4)
+
+
+def test_a_position_saved_by_two_processes_resumes_on_one(tmp_path, mesh8):
+    checkpoints = checkpoint.Checkpoints(str(tmp_path / "ckpt"), checkpoint_config(), FINGERPRINT)
+    iterator = CountingIterator()
+    for _ in range(5):
+        next(iterator)
+    checkpoints.save(5, toy_state(5, mesh8), iterator, {"loss": jnp.float32(1.0)}, force=True)
+    checkpoints.close()
+    # What two processes write: the same global position in process_0-of-2 and process_1-of-2.
+    step_dir = tmp_path / "ckpt" / "5"
+    saved = step_dir / "data" / "process_0-of-1.json"
+    for p in range(2):
+        (step_dir / "data" / f"process_{p}-of-2.json").write_text(saved.read_text())
+    saved.unlink()
+    checkpoint.write_manifest(str(step_dir))
+    checkpoints = checkpoint.Checkpoints(str(tmp_path / "ckpt"), checkpoint_config(), FINGERPRINT)
+    resumed = CountingIterator()
+    try:
+        state = checkpoints.restore(*abstract_and_shardings(mesh8), resumed)
+    finally:
+        checkpoints.close()
+    assert int(state.step) == 5 and resumed.position == 20 and next(resumed) == 20
+    # A per-process Grain index saved by 2 processes cannot move: refused, naming the override.
+    for p in range(2):
+        (step_dir / "data" / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": 5}))
+    checkpoint.write_manifest(str(step_dir))
+    checkpoints = checkpoint.Checkpoints(str(tmp_path / "ckpt"), checkpoint_config(), FINGERPRINT)
+    with pytest.raises(checkpoint.DataChangedError, match="allow_data_change"):
+        checkpoints.restore(*abstract_and_shardings(mesh8), CountingIterator())
+    checkpoints.close()

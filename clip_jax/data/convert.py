@@ -34,14 +34,14 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from clip_jax.data import bounded, dedup, filters, provenance, records, skips, transforms
+from clip_jax.data import bounded, captions, dedup, filters, provenance, records, skips, transforms
 
 
 class Item(NamedTuple):
@@ -49,7 +49,7 @@ class Item(NamedTuple):
 
     key: str
     image: bytes | np.ndarray | None  # encoded bytes, or uint8 [H, W, C] pixels (TFDS)
-    caption: str | bytes | None
+    caption: str | bytes | list | None  # a list: several captions (captions.record_fields)
     label: int | None = None
     bad: str | None = None
     detail: str | None = None  # for a bad one: what and where (a file, a tar member)
@@ -127,14 +127,13 @@ def prepare_hashed(item: Item, opts: Options, hashes: bool = False) -> tuple[dic
     ``opts.filters``; raises `skips.BadRecord`. The one per-sample function of every converter."""
     if item.bad:
         raise skips.BadRecord(item.bad, item.detail or item.key)
-    caption = skips.caption_text(item.caption)
-    filters.check_caption(caption, opts.filters)
+    fields = filters.keep_captions(captions.record_fields(item.caption), opts.filters)
     with time_limit(opts.timeout_s):
         image = item.image if item.image is not None else b""
         img = decode(image, opts)
         filters.check_image(img.size, opts.filters)
         digest = dedup.image_hashes(image, img) if hashes else None
-        record = {"key": item.key, "image": shrink_encode(img, opts), "caption": caption}
+        record = {"key": item.key, "image": shrink_encode(img, opts), **fields}
     if item.label is not None:
         record["label"] = int(item.label)
     return record, digest
@@ -327,7 +326,8 @@ class TarReader:
             label = sample.get("cls")
             label = int(label) if label and not sample["bad"] else None
             bad, detail = sample["bad"], sample.get("detail")
-            yield Item(sample["key"], sample["image"], sample["caption"], label, bad, detail)
+            caption = captions.from_webdataset(sample["caption"], sample["json"])
+            yield Item(sample["key"], sample["image"], caption, label, bad, detail)
         if not count:
             raise bounded.BadShard(f"{self.path}: an empty tar shard (no samples)")
 
@@ -390,21 +390,33 @@ def folder_tasks(
     prefix: str,
     rows_per_shard: int = 10_000,
     image_column: str = "file",
-    caption_column: str = "caption",
+    caption_column: str | Sequence[str] = "caption",
     label_column: str | None = None,
+    merge_rows: bool = False,
     **reader: Any,
 ) -> list[Task]:
     """Tasks for an image folder and a caption table, ``rows_per_shard`` rows per output shard
-    (``reader``: `FolderReader`'s ``max_bytes``, ``timeout_s``, ``allow_outside_root``)."""
+    (``reader``: `FolderReader`'s ``max_bytes``, ``timeout_s``, ``allow_outside_root``).
+
+    Several ``caption_column`` s (COCO-style tables): every non-blank one is kept
+    (``captions``). ``merge_rows``: rows naming the same image are one record with all
+    their captions (tables with one row per caption), in table order.
+    """
     rows = read_table(table)
-    if rows and (image_column not in rows[0] or caption_column not in rows[0]):
-        raise KeyError(f"{table} needs columns {image_column!r} and {caption_column!r}; has {list(rows[0])}")
-    items = []
+    columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
+    if rows and (image_column not in rows[0] or any(c not in rows[0] for c in columns)):
+        raise KeyError(f"{table} needs columns {image_column!r} and {columns}; has {list(rows[0])}")
+    items, where = [], {}
     for i, row in enumerate(rows):
         label = row.get(label_column) if label_column else None
         name = str(row[image_column])
         key = os.path.splitext(name)[0] or str(i)
-        caption = row[caption_column]
+        caption = row[columns[0]] if len(columns) == 1 else captions.for_table([row[c] for c in columns])
+        if merge_rows and name in where:
+            items[where[name]][2].extend(caption if isinstance(caption, list) else [caption])
+            continue
+        where[name] = len(items)
+        caption = caption if len(columns) > 1 or not merge_rows else [caption]
         items.append((key, name, caption, int(label) if label not in (None, "") else None))
     chunks = [tuple(items[i : i + rows_per_shard]) for i in range(0, len(items), rows_per_shard)]
     paths = records.shard_paths(os.path.join(out_dir, prefix), len(chunks))

@@ -10,6 +10,7 @@ by reason in the stats JSON. Every filter is off (0) by default.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from clip_jax.data import skips
 
@@ -29,6 +30,23 @@ def check_caption(caption: str, filters: Filters) -> None:
         raise skips.BadRecord("caption_too_short", f"{n} chars < {filters.min_caption_chars}")
     if filters.max_caption_chars and n > filters.max_caption_chars:
         raise skips.BadRecord("caption_too_long", f"{n} chars > {filters.max_caption_chars}")
+
+
+def keep_captions(fields: dict[str, Any], filters: Filters) -> dict[str, Any]:
+    """A record's caption fields (`captions.record_fields`) with only the captions inside the
+    length limits; raises `skips.BadRecord` (the first caption's reason) when none is left."""
+    texts = fields.get("captions") or [fields["caption"]]
+    kept, first_error = [], None
+    for text in texts:
+        try:
+            check_caption(text, filters)
+        except skips.BadRecord as e:
+            first_error = first_error or e
+            continue
+        kept.append(text)
+    if not kept:
+        raise first_error
+    return {"caption": kept[0]} if len(kept) == 1 else {"caption": kept[0], "captions": kept}
 
 
 def check_image(size: tuple[int, int], filters: Filters) -> None:

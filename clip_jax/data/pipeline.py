@@ -17,23 +17,25 @@ same batches. Each bad record is counted once per epoch, by reason, in the
 `TooManyBadRecords` when the share passes ``max_skip_fraction``. A watchdog
 raises `DataStallError` when no batch arrives for ``stall_timeout_s``.
 
-Every process gets the same number of records (the remainder of the record
-count modulo the process count is dropped), so no host waits on another.
-The returned iterator is a Grain ``DatasetIterator``: its state (a position)
-is saved in the orbax checkpoint.
+The stream is global (`clip_jax.data.elastic`): an epoch holds every record once,
+each global batch is split into equal blocks, one per process, so every host runs
+the same steps; batches run across epoch ends. Several sources are mixed by weight
+(`clip_jax.data.mixture`); a record with several captions shows one drawn per
+example (`clip_jax.data.captions`). The returned iterator's state is the global
+position, saved in the orbax checkpoint and restored on any number of processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 
-from clip_jax.data import records, skips, transforms, watchdog
+from clip_jax.data import captions, elastic, mixture, records, skips, transforms, watchdog
 from clip_jax.data.tokenizer import Tokenizer
 
 # The readers `from_config` knows (config.data.format).
@@ -65,12 +67,14 @@ class DecodeExample:
     image_size: int
     crop: Crop | None = None
     max_pixels: int = transforms.MAX_PIXELS
+    caption_field: str | None = None  # None: "captions" (a list) or "caption"
 
     def __call__(self, element: bytes | dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
         record = element if isinstance(element, dict) else _unpack(element)
         if record.get("bad"):  # a reader marked it (e.g. a tar member cut short)
             raise skips.BadRecord(record["bad"], record.get("detail") or record.get("key", ""))
-        caption = skips.caption_text(record.get("caption"))
+        # Drawn first: the crop's randomness then does not depend on the number of captions.
+        caption = captions.choose(record, rng, self.caption_field)
         img = transforms.decode_image(record.get("image") or b"", self.max_pixels)
         if self.crop is None or rng is None:
             image = transforms.resize_center_crop(img, self.image_size)
@@ -141,23 +145,64 @@ class CountSkips(grain.transforms.Map):
         return batch
 
 
-def process_share(files: Sequence[str] | grain.MapDataset) -> grain.MapDataset:
-    """The records that this JAX process reads: an equal, disjoint share.
-
-    ``files``: ArrayRecord paths, or any random-access MapDataset of records
-    (e.g. `tfds_source.records`).
-    """
+def open_records(files: Sequence[str] | grain.MapDataset) -> grain.MapDataset:
+    """All records of ArrayRecord ``files`` (or a random-access MapDataset of records, e.g.
+    `tfds_source.records`), in file order."""
     if isinstance(files, grain.MapDataset):
-        source = files
-    else:
-        source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(files)))
+        return files
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(files)))
+
+
+def process_share(files: Sequence[str] | grain.MapDataset) -> grain.MapDataset:
+    """An equal, disjoint, fixed share of the records per JAX process (for jobs that split a
+    record set once, e.g. offline scoring). Training does not use it: it splits each
+    global batch instead (`clip_jax.data.elastic`), so the process count may change."""
+    source = open_records(files)
     count = jax.process_count()
     usable = len(source) - len(source) % count
     return source[jax.process_index() : usable : count]
 
 
+def source_stream(source: mixture.Source, decode: DecodeExample, seed: int) -> tuple[grain.MapDataset, int]:
+    """(the endless decoded stream of one source, its record count): shuffled by ``seed``,
+    reshuffled every epoch; element ``g`` is example ``g % n`` of epoch ``g // n``."""
+    records_ = open_records(source.files)
+    if len(records_) == 0:
+        raise ValueError(f"data source {source.name!r} has no records")
+    decode = dataclasses.replace(decode, caption_field=source.caption_field)
+    return records_.shuffle(seed=seed).repeat(None).pipe(DecodeOrReplace, decode, seed), len(records_)
+
+
+def global_stream(
+    sources: Sequence[mixture.Source], decode: DecodeExample, seed: int
+) -> tuple[grain.MapDataset, Callable[[int], dict[str, Any]]]:
+    """(the global training stream, position -> {epoch, examples per source}).
+
+    One source: its stream, shuffled by ``seed``. Several: each shuffled by its own
+    seed and mixed by weight (`mixture.Schedule`, drawn from ``seed``).
+    """
+    if len(sources) == 1:
+        stream, size = source_stream(sources[0], decode, seed)
+        return stream, lambda g: {"epoch": g // size, "index_in_epoch": g % size}
+    streams, sizes = zip(
+        *(source_stream(s, decode, mixture.source_seed(seed, i)) for i, s in enumerate(sources)), strict=True
+    )
+    schedule = mixture.Schedule.from_weights([s.weight for s in sources], seed)
+
+    def describe(g: int) -> dict[str, Any]:
+        counts = schedule.counts_before(g)
+        return {
+            "sources": {
+                s.name: {"examples": n, "epoch": n // size}
+                for s, n, size in zip(sources, counts, sizes, strict=True)
+            }
+        }
+
+    return mixture.Mixed(streams, schedule), describe
+
+
 def train_iterator(
-    files: Sequence[str] | grain.MapDataset,
+    files: Sequence[str] | grain.MapDataset | Sequence[mixture.Source],
     tokenizer: Tokenizer,
     image_size: int,
     local_batch_size: int,
@@ -168,25 +213,35 @@ def train_iterator(
     crop: Crop | None = DEFAULT_CROP,
     counter: skips.SkipCounter | None = None,
     stall_timeout_s: float | None = 600.0,
-) -> Iterator[dict[str, np.ndarray]]:
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> elastic.GlobalIterator:
     """An endless iterator of host-local training batches from ArrayRecord ``files``
-    (or a MapDataset of records, see `process_share`).
+    (or a MapDataset of records), or from a weighted mixture of `mixture.Source` s.
 
-    ``counter``: where skipped records are counted (a fresh one with the
-    default ceiling when None). ``crop=None``: centre crops (no augmentation).
+    This process reads its block of every global batch (`clip_jax.data.elastic`);
+    ``process_index``/``process_count`` default to JAX's (tests pass others to simulate
+    hosts). ``counter``: where skipped records are counted (a fresh one with the default
+    ceiling when None). ``crop=None``: centre crops (no augmentation).
     """
-    decode = DecodeExample(tokenizer, image_size, crop)
-    ds = (
-        process_share(files)
-        .shuffle(seed=seed)
-        .repeat(None)
-        .pipe(DecodeOrReplace, decode, seed)
-        .batch(local_batch_size, drop_remainder=True)
-    )
-    # Threads decode ahead up to `prefetch_batches` batches; more only competes with
-    # the step for CPU on small hosts.
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches))
-    return finish(it, num_workers, counter, stall_timeout_s)
+    if isinstance(files, (list, tuple)) and files and isinstance(files[0], mixture.Source):
+        sources = list(files)
+    else:
+        sources = [mixture.Source("train", files)]
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    stream, describe = global_stream(sources, DecodeExample(tokenizer, image_size, crop), seed)
+
+    def build(start: int) -> grain.DatasetIterator:
+        ds = elastic.ProcessView(stream, start, local_batch_size, index, count)
+        ds = ds.batch(local_batch_size, drop_remainder=True)
+        # Threads decode ahead up to `prefetch_batches` batches; more only competes with
+        # the step for CPU on small hosts.
+        options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+        it = ds.to_iter_dataset(options)
+        return finish(it, num_workers, counter, stall_timeout_s)
+
+    return elastic.GlobalIterator(build, local_batch_size * count, describe)
 
 
 def finish(
@@ -213,22 +268,25 @@ def read_all(files: Sequence[str]) -> list[dict]:
 def load_eval_set(files: Sequence[str], tokenizer: Tokenizer, image_size: int) -> dict:
     """A small evaluation set in memory, in file order, bad records left out::
 
-    {"image": uint8 [N, S, S, 3], "tokens": int32 [N, L], "caption": [N] str,
+    {"image": uint8 [N, S, S, 3], "tokens": int32 [N, L] (the first caption's),
+     "caption": [N] str (the first), "captions": [N] lists of str (all),
      "labels": {name: int64 [N]}}  (labels when the records carry them)
     """
     decoder = DecodeExample(tokenizer, image_size)
-    examples, recs = [], []
+    examples, recs, texts = [], [], []
     for record in read_all(files):
         try:
             examples.append(decoder(record))
         except skips.BadRecord:
             continue
         recs.append(record)
+        texts.append(captions.all_texts(record))
     label_names = recs[0].get("labels", {}) if recs else {}
     return {
         "image": np.stack([e["image"] for e in examples]),
         "tokens": np.stack([e["tokens"] for e in examples]),
-        "caption": [r["caption"] for r in recs],
+        "caption": [t[0] for t in texts],
+        "captions": texts,
         "labels": {n: np.asarray([r["labels"][n] for r in recs]) for n in label_names},
     }
 
@@ -240,11 +298,14 @@ def from_config(
     image_size: int,
     local_batch_size: int,
     counter: skips.SkipCounter,
+    sources: Sequence[mixture.Source] = (),
 ) -> grain.DatasetIterator:
     """The training iterator ``config.data`` describes (``format``: one of `FORMATS`).
 
     ``files``: the ArrayRecord or tar files; for "tfds" the split named in
     ``config.data`` is read (``files`` only name it in the checkpoint fingerprint).
+    ``sources``: a weighted mixture (``config.data.sources``, resolved); then ``files``
+    is not read.
     """
     crop = None
     if data_config.random_crop:
@@ -259,8 +320,11 @@ def from_config(
         counter=counter,
         stall_timeout_s=data_config.stall_timeout_s,
     )
+    if sources:
+        return train_iterator(list(sources), **common)
+    field = data_config.get("caption_field")
     if data_config.format == "array_record":
-        return train_iterator(files, **common)
+        return train_iterator([mixture.Source("train", tuple(files), caption_field=field)], **common)
     if data_config.format == "webdataset":
         from clip_jax.data import webdataset  # imports this module
 

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from clip_jax import storage
-from clip_jax.data import bounded, pipeline, skips
+from clip_jax.data import bounded, captions, pipeline, skips
 from clip_jax.data.tokenizer import Tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -223,7 +223,8 @@ class _DecodeSample:
 
     def __call__(self, sample: dict) -> dict:
         rng = np.random.default_rng(sample["rng_seed"])
-        return self.decode(sample, rng)
+        texts = captions.from_webdataset(sample["caption"], sample.get("json"))
+        return self.decode({**sample, "caption": texts}, rng)
 
 
 class DecodeSkipBad(grain.IterDataset):

@@ -6,7 +6,9 @@ or ``gs://`` paths) and writes one of:
 
 - ``hf``: a transformers ``CLIPModel`` directory (``CLIPModel.from_pretrained(OUT)``);
 - ``open_clip``: OpenAI/open_clip state-dict names, as safetensors;
-- ``params``: clip_jax's own parameter paths + ``clip_config.json``, for inference.
+- ``params``: clip_jax's own parameter paths + ``clip_config.json``, for inference;
+- ``big_vision``: ``big_vision.npz`` for big_vision's two_towers (SigLIP towers; ``--scan``
+  for its scanned layout).
 
 ``--weights=PATH`` instead of ``--workdir`` converts existing weights (an HF
 directory, a ``params`` export, an OpenAI/open_clip ``.safetensors``/``.pt``).
@@ -39,6 +41,7 @@ def define_flags() -> None:
     flags.DEFINE_string("weights", None, "Instead of --workdir: existing weights to convert.")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
     flags.DEFINE_enum("format", "hf", files.FORMATS, "Output layout.")
+    flags.DEFINE_bool("scan", False, "--format=big_vision: one stacked encoderblock per tower (scan=True).")
     flags.DEFINE_string("out", None, "Output directory.")
     flags.mark_flags_as_required(["out"])
 
@@ -129,8 +132,9 @@ def _counter(items: list, desc: str):
         yield item
 
 
-def export(source: dict[str, Any], fmt: str, out: str) -> dict[str, Any]:
-    """Writes ``source`` (`from_workdir`, `from_weights`) as ``fmt`` under ``out``; returns a summary."""
+def export(source: dict[str, Any], fmt: str, out: str, scan: bool = False) -> dict[str, Any]:
+    """Writes ``source`` (`from_workdir`, `from_weights`) as ``fmt`` under ``out``; returns a summary.
+    ``scan``: big_vision's stacked-block layout."""
     path, tensors = files.save(
         out,
         source["params"],
@@ -139,6 +143,7 @@ def export(source: dict[str, Any], fmt: str, out: str) -> dict[str, Any]:
         eos_id=source["eos_id"],
         bos_id=source["bos_id"],
         progress=_progress(f"converting to {fmt}"),
+        scan=scan,
     )
     if fmt == "params" and source.get("tokenizer"):  # inference needs the run's tokenizer too
         storage.copy_file(source["tokenizer"], os.path.join(out, train.TOKENIZER_FILE))
@@ -159,7 +164,7 @@ def main(argv):
         raise app.UsageError("give exactly one of --workdir and --weights")
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
     source = from_workdir(FLAGS.workdir, FLAGS.step) if FLAGS.workdir else from_weights(FLAGS.weights)
-    summary = export(source, FLAGS.format, FLAGS.out)
+    summary = export(source, FLAGS.format, FLAGS.out, FLAGS.scan)
     step = "" if summary["step"] is None else f" (step {summary['step']})"
     print(
         f"exported {summary['format']}{step}: {summary['tensors']} tensors, "

@@ -7,6 +7,8 @@ Formats (all float32 safetensors):
 - ``open_clip``: ``open_clip_model.safetensors``, OpenAI's state-dict names.
 - ``params``: ``params.safetensors`` with clip_jax's own '/'-joined parameter paths,
   and ``clip_config.json`` (the `CLIPConfig`), for inference with clip_jax.
+- ``big_vision``: ``big_vision.npz``, big_vision's two-towers names (SigLIP towers only;
+  ``scan``: its stacked-block layout); any ``.npz`` path loads as one (`big_vision`).
 
 `load` takes any of these (or a torch state dict) and returns (CLIPConfig, params).
 For a ResNet image tower, ``params`` carries the BatchNorm running statistics under
@@ -26,14 +28,14 @@ import numpy as np
 import safetensors.numpy
 
 from clip_jax import storage
-from clip_jax.interop import hf, hf_siglip, mapping, openai
+from clip_jax.interop import big_vision, hf, hf_siglip, mapping, openai
 from clip_jax.models import shapes
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.resnet import ResNetConfig
 from clip_jax.models.text import TextConfig
 from clip_jax.models.vit import VisionConfig
 
-FORMATS = ("hf", "open_clip", "params")
+FORMATS = ("hf", "open_clip", "params", "big_vision")
 HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 PARAMS_WEIGHTS, PARAMS_CONFIG = "params.safetensors", "clip_config.json"
@@ -61,9 +63,11 @@ def _has_bias(params: Mapping) -> bool:
 
 
 def external_tensors(
-    params: Mapping, config: CLIPConfig, fmt: str, progress: Progress = _no_progress
+    params: Mapping, config: CLIPConfig, fmt: str, progress: Progress = _no_progress, scan: bool = False
 ) -> dict[str, np.ndarray]:
-    """clip_jax params -> the named float32 tensors of ``fmt`` ("hf", "open_clip" or "params")."""
+    """clip_jax params -> the named float32 tensors of ``fmt`` (one of `FORMATS`; ``scan``: big_vision's)."""
+    if fmt == "big_vision":
+        return big_vision.to_tensors(params, config, scan, progress=progress)
     if fmt == "params":
         flat = mapping.flatten(mapping.stack_free(params))
         return {k: mapping.contiguous(flat[k]) for k in progress(sorted(flat))}
@@ -89,11 +93,15 @@ def save(
     eos_id: int,
     bos_id: int,
     progress: Progress = _no_progress,
+    scan: bool = False,
 ) -> tuple[str, dict[str, np.ndarray]]:
     """Writes ``params`` in ``fmt`` under the directory ``out``; returns (weights file, tensors)."""
-    tensors = external_tensors(params, config, fmt, progress)
+    tensors = external_tensors(params, config, fmt, progress, scan)
     storage.makedirs(out)
-    if fmt == "hf":
+    if fmt == "big_vision":
+        path = os.path.join(out, big_vision.WEIGHTS)
+        big_vision.save(path, tensors)
+    elif fmt == "hf":
         path = os.path.join(out, HF_WEIGHTS)
         logit_scale = float(np.asarray(params["logit_scale"]))
         layout = hf_siglip if hf_siglip.is_siglip(config) else hf
@@ -154,7 +162,10 @@ def _unexpected(tensors: Mapping, maps: Iterable[mapping.TensorMap], ignored) ->
 
 
 def special_ids(path: str) -> tuple[int, int] | None:
-    """(eos_id, bos_id) recorded with exported weights (HF or params directory), else None."""
+    """(eos_id, bos_id) recorded with exported weights (HF or params directory), else None.
+    A big_vision file records none; SigLIP's sentencepiece models have EOS 1 and no BOS."""
+    if _big_vision_file(path):
+        return big_vision.EOS_ID, None
     for name, read in (
         (PARAMS_CONFIG, lambda c: (c["eos_id"], c["bos_id"])),
         (HF_CONFIG, lambda c: (c["text_config"]["eos_token_id"], c["text_config"]["bos_token_id"])),
@@ -164,14 +175,25 @@ def special_ids(path: str) -> tuple[int, int] | None:
     return None
 
 
+def _big_vision_file(path: str) -> str | None:
+    """The ``.npz`` at ``path``, or a big_vision export directory's, else None."""
+    if path.endswith(big_vision.SUFFIX):
+        return path
+    npz = os.path.join(path, big_vision.WEIGHTS)
+    return npz if storage.isdir(path) and storage.exists(npz) else None
+
+
 def load(path: str, **openai_options: Any) -> tuple[CLIPConfig, dict]:
     """(CLIPConfig, params as nested float32 numpy) from an export directory or a weights file.
 
     ``path``: an HF directory (``config.json`` + ``model.safetensors``), a ``params``
-    directory, or an OpenAI/open_clip state dict (directory holding
-    ``open_clip_model.safetensors``, or the file: ``.safetensors``/``.pt``/``.bin``).
+    directory, a big_vision ``.npz`` (or a directory holding ``big_vision.npz``), or an
+    OpenAI/open_clip state dict (directory holding ``open_clip_model.safetensors``, or the
+    file: ``.safetensors``/``.pt``/``.bin``).
     ``openai_options`` (vision_heads, text_heads, activation) go to `openai.clip_config`.
     """
+    if npz := _big_vision_file(path):
+        return big_vision.load(npz)
     if storage.isdir(path):
         if storage.exists(os.path.join(path, PARAMS_CONFIG)):
             config = config_from_dict(storage.read_json(os.path.join(path, PARAMS_CONFIG))["config"])

@@ -61,6 +61,4 @@ def test_lit_from_a_big_vision_npz_keeps_the_image_tower_bitwise(tmp_path, scene
     assert last < first - 0.3, losses
     assert "initialised from" in capsys.readouterr().out
     with capsys.disabled():
-        print(
-            f"\nSigLIP LiT from big_vision npz (image frozen): loss {first:.3f} -> {last:.3f} in {len(losses)} steps"
-        )
+        print(f"\nSigLIP LiT from a big_vision npz (image frozen): loss {first:.3f} -> {last:.3f}")

@@ -236,3 +236,13 @@ def test_refusals(tmp_path):
         files.load(str(tmp_path / "objects.npz"))
     with pytest.raises(ValueError, match="cannot hold"):  # OpenAI's CLIP: class token, quick GELU, ...
         big_vision.tensor_maps(clip.get_variant("tiny"))
+
+
+def test_reads_are_bounded_by_what_the_archive_claims(tmp_path, monkeypatch):
+    path = write_npz(tmp_path / "w.npz", big_vision_arrays("b16_like"), "params/")
+    claimed = sum(a.nbytes for a in big_vision_arrays("b16_like").values())
+    monkeypatch.setattr(big_vision, "MAX_BYTES", claimed // 2)  # refused before any array is read
+    with pytest.raises(ValueError, match="bytes"):
+        files.load(path)
+    monkeypatch.setattr(big_vision, "MAX_BYTES", 2 * claimed + 2**20)
+    files.load(path)

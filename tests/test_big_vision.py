@@ -3,6 +3,9 @@
 SiglipModel loaded from the same arrays through a key map written here from big_vision's
 module names (transformers ships no SigLIP conversion script in its wheel)."""
 
+import io
+import zipfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,7 +235,7 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="outside params/"):
         files.load(str(tmp_path / "mixed.npz"))
     np.savez(tmp_path / "objects.npz", t=np.asarray([object()], dtype=object))
-    with pytest.raises(ValueError, match="pickle"):
+    with pytest.raises(ValueError, match="object, not floating point"):  # refused before unpickling
         files.load(str(tmp_path / "objects.npz"))
     with pytest.raises(ValueError, match="cannot hold"):  # OpenAI's CLIP: class token, quick GELU, ...
         big_vision.tensor_maps(clip.get_variant("tiny"))
@@ -246,3 +249,23 @@ def test_reads_are_bounded_by_what_the_archive_claims(tmp_path, monkeypatch):
         files.load(path)
     monkeypatch.setattr(big_vision, "MAX_BYTES", 2 * claimed + 2**20)
     files.load(path)
+
+
+def test_inflating_or_lying_members_are_refused_before_reading(tmp_path):
+    arrays = {f"params/{k}": v for k, v in big_vision_arrays("b16_like").items()}
+    np.savez_compressed(
+        tmp_path / "bomb.npz", **arrays, zeros=np.zeros(2**22, np.float32)
+    )  # 16 MiB -> ~16 KiB
+    with pytest.raises(ValueError, match="inflates"):
+        files.load(str(tmp_path / "bomb.npz"))
+    header = io.BytesIO()  # an array header promising 4 TB over 16 bytes: np.load would allocate it
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+    with zipfile.ZipFile(tmp_path / "lie.npz", "w") as archive:
+        for key, value in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, value if key != "params/t" else np.zeros(0, np.float32))
+            archive.writestr(
+                f"{key}.npy", buffer.getvalue() if key != "params/t" else header.getvalue() + bytes(16)
+            )
+    with pytest.raises(ValueError, match="claims"):
+        files.load(str(tmp_path / "lie.npz"))

@@ -48,6 +48,7 @@ EPS, ACTIVATION = 1e-6, "gelu_tanh"  # fixed in big_vision's ViT and text encode
 # Reads are bounded: a zip member may claim any size; the largest SigLIP 2 (g-opt) is ~8 GB.
 MAX_BYTES = 64 * 2**30
 MAX_ARRAYS = 100_000
+MAX_RATIO = 50  # float weights barely compress; a member inflating more is refused
 # One block: big_vision's names -> ours (both under the tower's block).
 BLOCK = {
     "LayerNorm_0": "ln_1",
@@ -224,22 +225,35 @@ def _strip_prefix(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
+def _check_members(archive: zipfile.ZipFile, path: str) -> None:
+    """Refuses, before reading any array, what would make reading unbounded: too many or too
+    large members, a compressed member inflating past `MAX_RATIO`, an array whose header
+    promises more bytes than its member holds, and anything but floating point."""
+    members = archive.infolist()
+    total = sum(m.file_size for m in members)
+    if len(members) > MAX_ARRAYS or total > MAX_BYTES:
+        raise ValueError(f"{path}: {len(members)} arrays, {total} bytes (at most {MAX_ARRAYS}, {MAX_BYTES})")
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED and m.file_size > MAX_RATIO * max(m.compress_size, 1):
+            raise ValueError(f"{path}: {m.filename} inflates {m.file_size} bytes from {m.compress_size}")
+        with archive.open(m) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
+            shape, _, dtype = (read_header or np.lib.format.read_array_header_2_0)(f)
+        if dtype.kind != "f":
+            raise ValueError(f"{path}: {m.filename} is {dtype}, not floating point")
+        if math.prod(shape) * dtype.itemsize > m.file_size:
+            raise ValueError(f"{path}: {m.filename} claims {shape} but holds {m.file_size} bytes")
+
+
 def read_npz(path: str) -> dict[str, np.ndarray]:
-    """The float arrays of a ``.npz`` (no pickles; bounded: at most `MAX_BYTES`, `MAX_ARRAYS`)."""
+    """The float arrays of a ``.npz``: no pickles, reads bounded (`_check_members`)."""
     with storage.open_file(path, "rb") as f:
-        with zipfile.ZipFile(f) as archive:  # the sizes the archive claims, checked before reading
-            members = archive.infolist()
-            if len(members) > MAX_ARRAYS or sum(m.file_size for m in members) > MAX_BYTES:
-                raise ValueError(f"{path}: {len(members)} arrays / {sum(m.file_size for m in members)} bytes")
+        with zipfile.ZipFile(f) as archive:
+            _check_members(archive, path)
         f.seek(0)
         with np.load(f, allow_pickle=False) as npz:
-            tensors = {}
-            for name in npz.files:
-                array = npz[name]
-                if array.dtype.kind != "f":
-                    raise ValueError(f"{path}: {name} is {array.dtype}, not floating point")
-                tensors[name] = array
-    return tensors
+            return {name: npz[name] for name in npz.files}
 
 
 def load(path: str) -> tuple[CLIPConfig, dict]:

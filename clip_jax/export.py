@@ -6,7 +6,9 @@ or ``gs://`` paths) and writes one of:
 
 - ``hf``: a transformers ``CLIPModel`` directory (``CLIPModel.from_pretrained(OUT)``);
 - ``open_clip``: OpenAI/open_clip state-dict names, as safetensors;
-- ``params``: clip_jax's own parameter paths + ``clip_config.json``, for inference.
+- ``params``: clip_jax's own parameter paths + ``clip_config.json``, for inference;
+- ``big_vision``: ``big_vision.npz`` for big_vision's two_towers (SigLIP towers; ``--scan``
+  for its scanned layout).
 
 ``--weights=PATH`` instead of ``--workdir`` converts existing weights (an HF
 directory, a ``params`` export, an OpenAI/open_clip ``.safetensors``/``.pt``).
@@ -46,6 +48,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
     flags.DEFINE_enum("format", "hf", files.FORMATS, "Output layout.")
+    flags.DEFINE_bool("scan", False, "--format=big_vision: one stacked encoderblock per tower (scan=True).")
     flags.DEFINE_string("out", None, "Output directory (written under a temporary name, then renamed).")
     flags.DEFINE_bool("overwrite", False, "Replace --out when it exists and is not empty.")
     flags.mark_flags_as_required(["out"])
@@ -146,11 +149,14 @@ def _counter(items: list, desc: str):
         yield item
 
 
-def export(source: dict[str, Any], fmt: str, out: str, overwrite: bool = False) -> dict[str, Any]:
+def export(
+    source: dict[str, Any], fmt: str, out: str, overwrite: bool = False, scan: bool = False
+) -> dict[str, Any]:
     """Writes ``source`` (`from_workdir`, `from_weights`) as ``fmt`` under ``out``; returns a summary.
 
     Refuses (cli.UserError) an ``out`` that overlaps the source, or exists and is not empty
     unless ``overwrite``. A local ``out`` is written under a temporary name, then renamed.
+    ``scan``: big_vision's stacked-block layout.
     """
     outputs.check_target(out, [source.get("input", "")], overwrite)
     with outputs.staged_dir(out) as staged:
@@ -162,6 +168,7 @@ def export(source: dict[str, Any], fmt: str, out: str, overwrite: bool = False) 
             eos_id=source["eos_id"],
             bos_id=source["bos_id"],
             progress=_progress(f"converting to {fmt}"),
+            scan=scan,
         )
         if fmt == "params" and source.get("tokenizer"):  # inference needs the run's tokenizer too
             storage.copy_file(source["tokenizer"], os.path.join(staged, train.TOKENIZER_FILE))
@@ -191,7 +198,7 @@ def main(argv):
         source = from_weights(
             FLAGS.weights, overrides.parse(FLAGS.weights_overrides), allow_code=FLAGS.trust_weights_code
         )
-    summary = export(source, FLAGS.format, FLAGS.out, FLAGS.overwrite)
+    summary = export(source, FLAGS.format, FLAGS.out, FLAGS.overwrite, FLAGS.scan)
     step = "" if summary["step"] is None else f" (step {summary['step']})"
     print(
         f"exported {summary['format']}{step}: {summary['tensors']} tensors, "

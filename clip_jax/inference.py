@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from clip_jax import cli, storage
-from clip_jax.data import bounded, transforms
+from clip_jax.data import bounded, siglip_tokenizer, transforms
 from clip_jax.interop import adapt, files, mapping, openai_resnet
 from clip_jax.interop import overrides as overrides_lib
 from clip_jax.models import clip
@@ -81,6 +81,8 @@ def make_tokenizer(path: str, context_length: int) -> Callable[[Sequence[str]], 
         from clip_jax.data.clip_bpe import ClipBpeTokenizer
 
         return ClipBpeTokenizer(path, os.path.join(os.path.dirname(path), BPE_MERGES), context_length)
+    if siglip_tokenizer.is_siglip_model(path):  # SigLIP's own model (EOS 1): its layout, as shipped
+        return siglip_tokenizer.SiglipTokenizer(path, context_length)
     from clip_jax.data.tokenizer import Tokenizer
 
     return Tokenizer(path, context_length)

@@ -235,7 +235,7 @@ def test_round_trips_are_exact(tmp_path):
     original = load_file(str(tmp_path / "hf_in" / files.HF_WEIGHTS))
     _, params = files.load(str(tmp_path / "hf_in"))
     heads = {"vision_heads": config.vision.heads, "text_heads": config.text.heads}
-    for fmt in files.FORMATS:
+    for fmt in ("hf", "open_clip", "params"):  # big_vision holds SigLIP towers only (test_big_vision)
         out = str(tmp_path / fmt)
         _, written = files.save(out, params, config, fmt, eos_id=99, bos_id=98)
         loaded_config, loaded = files.load(out, **heads) if fmt == "open_clip" else files.load(out)

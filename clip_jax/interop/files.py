@@ -8,6 +8,8 @@ Formats (all float32 safetensors):
   ``open_clip_config.json`` (heads and activation, which the tensors do not record).
 - ``params``: ``params.safetensors`` with clip_jax's own '/'-joined parameter paths,
   and ``clip_config.json`` (the `CLIPConfig`), for inference with clip_jax.
+- ``big_vision``: ``big_vision.npz``, big_vision's two-towers names (SigLIP towers only;
+  ``scan``: its stacked-block layout); any ``.npz`` path loads as one (`big_vision`).
 
 `load` takes any of these (or a torch state dict) and returns (CLIPConfig, params).
 For a ResNet image tower, ``params`` carries the BatchNorm running statistics under
@@ -30,7 +32,7 @@ import numpy as np
 import safetensors.numpy
 
 from clip_jax import storage
-from clip_jax.interop import hf, hf_siglip, mapping, open_clip, openai, torchscript
+from clip_jax.interop import big_vision, hf, hf_siglip, mapping, open_clip, openai, torchscript
 from clip_jax.interop import overrides as overrides_lib
 from clip_jax.models import shapes
 from clip_jax.models.clip import CLIPConfig
@@ -38,7 +40,7 @@ from clip_jax.models.resnet import ResNetConfig
 from clip_jax.models.text import TextConfig
 from clip_jax.models.vit import VisionConfig
 
-FORMATS = ("hf", "open_clip", "params")
+FORMATS = ("hf", "open_clip", "params", "big_vision")
 HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 OPEN_CLIP_FILES = (OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.bin")  # open_clip's hub repositories
@@ -67,9 +69,11 @@ def _has_bias(params: Mapping) -> bool:
 
 
 def external_tensors(
-    params: Mapping, config: CLIPConfig, fmt: str, progress: Progress = _no_progress
+    params: Mapping, config: CLIPConfig, fmt: str, progress: Progress = _no_progress, scan: bool = False
 ) -> dict[str, np.ndarray]:
-    """clip_jax params -> the named float32 tensors of ``fmt`` ("hf", "open_clip" or "params")."""
+    """clip_jax params -> the named float32 tensors of ``fmt`` (one of `FORMATS`; ``scan``: big_vision's)."""
+    if fmt == "big_vision":
+        return big_vision.to_tensors(params, config, scan, progress=progress)
     if fmt == "params":
         flat = mapping.flatten(mapping.stack_free(params))
         return {k: mapping.contiguous(flat[k]) for k in progress(sorted(flat))}
@@ -95,11 +99,15 @@ def save(
     eos_id: int,
     bos_id: int,
     progress: Progress = _no_progress,
+    scan: bool = False,
 ) -> tuple[str, dict[str, np.ndarray]]:
     """Writes ``params`` in ``fmt`` under the directory ``out``; returns (weights file, tensors)."""
-    tensors = external_tensors(params, config, fmt, progress)
+    tensors = external_tensors(params, config, fmt, progress, scan)
     storage.makedirs(out)
-    if fmt == "hf":
+    if fmt == "big_vision":
+        path = os.path.join(out, big_vision.WEIGHTS)
+        big_vision.save(path, tensors)
+    elif fmt == "hf":
         path = os.path.join(out, HF_WEIGHTS)
         logit_scale = float(np.asarray(params["logit_scale"]))
         layout = hf_siglip if hf_siglip.is_siglip(config) else hf
@@ -200,7 +208,10 @@ def hf_siglip_load(path: str) -> tuple[CLIPConfig, dict]:
 
 
 def special_ids(path: str) -> tuple[int, int] | None:
-    """(eos_id, bos_id) recorded with exported weights (HF or params directory), else None."""
+    """(eos_id, bos_id) recorded with exported weights (HF or params directory), else None.
+    A big_vision file records none; SigLIP's sentencepiece models have EOS 1 and no BOS."""
+    if _big_vision_file(path):
+        return big_vision.EOS_ID, None
     for name, read in (
         (PARAMS_CONFIG, lambda c: (c["eos_id"], c["bos_id"])),
         (HF_CONFIG, lambda c: (c["text_config"]["eos_token_id"], c["text_config"]["bos_token_id"])),
@@ -210,21 +221,34 @@ def special_ids(path: str) -> tuple[int, int] | None:
     return None
 
 
+def _big_vision_file(path: str) -> str | None:
+    """The ``.npz`` at ``path``, or a big_vision export directory's, else None."""
+    if path.endswith(big_vision.SUFFIX):
+        return path
+    npz = os.path.join(path, big_vision.WEIGHTS)
+    return npz if storage.isdir(path) and storage.exists(npz) else None
+
+
 def load(
     path: str, overrides: Any = None, allow_code: bool = False, **fields: Any
 ) -> tuple[CLIPConfig, dict]:
     """(CLIPConfig, params as nested float32 numpy) from an export directory or a weights file.
 
     ``path``: an HF directory (``config.json`` + ``model.safetensors``), a ``params``
-    directory, or an OpenAI/open_clip state dict (directory holding
-    ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``, or the file:
-    ``.safetensors``/``.pt``/``.bin``; ``open_clip_config.json`` beside it is read).
+    directory, a big_vision ``.npz`` (or a directory holding ``big_vision.npz``), or an
+    OpenAI/open_clip state dict (directory holding ``open_clip_model.safetensors`` or
+    ``open_clip_pytorch_model.bin``, or the file: ``.safetensors``/``.pt``/``.bin``;
+    ``open_clip_config.json`` beside it is read).
     ``overrides`` (`overrides.Overrides`, a dict, or the flag text) and ``fields``
     (vision_heads, text_heads, activation, open_clip_model): what a bare state dict does
     not record (`openai.clip_config`); for configured weights they must agree with it.
     ``allow_code``: see `read_tensors` (off: no code from the file runs).
     """
     given = overrides_lib.coerce(overrides, **fields)
+    if npz := _big_vision_file(path):
+        config, params = big_vision.load(npz)
+        check_recorded(config, given, npz)
+        return config, params
     if storage.isdir(path):
         if storage.exists(os.path.join(path, PARAMS_CONFIG)):
             config = config_from_dict(storage.read_json(os.path.join(path, PARAMS_CONFIG))["config"])

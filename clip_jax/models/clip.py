@@ -99,6 +99,11 @@ VARIANTS: dict[str, CLIPConfig] = {
         ResNetConfig((1, 1, 1, 1), 16, 64, heads=8),
         TextConfig(vocab_size=256, context_length=16, width=128, layers=3, heads=4),
     ),
+    # SigLIP's towers at the tiny shape (configs/demo_siglip.py, tests).
+    "tiny-siglip": dataclasses.replace(
+        _siglip(40, 8, 128, 4, 4, 512),
+        text=dataclasses.replace(_siglip(40, 8, 128, 3, 4, 512).text, vocab_size=256, context_length=16),
+    ),
     "small": CLIPConfig(
         256,
         VisionConfig(64, 8, 256, 6, 4),

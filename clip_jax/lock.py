@@ -76,11 +76,16 @@ def _is_stale(holder: dict) -> bool:
 
 def _create(path: str, record: dict) -> bool:
     """Creates the lock file holding ``record``; False when one exists (create-only: atomic)."""
+    # On gs:// also looked for first and read back after: a store that ignores the precondition
+    # (gcp-storage-emulator) still refuses a second start that comes after the first one's upload.
+    remote = storage.is_remote(path)
+    if remote and storage.exists(path):
+        return False
     try:
         storage.create_exclusive(path, json.dumps(record).encode())
     except FileExistsError:
         return False
-    return True
+    return not remote or (_read_holder(path) or {}).get("token") == record["token"]
 
 
 def acquire(workdir: str) -> dict:

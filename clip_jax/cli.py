@@ -9,7 +9,9 @@ stderr with exit code 2. ``--debug`` shows the traceback as well.
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
@@ -37,11 +39,33 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
         rest = flags.FLAGS(list(argv))
         _check_config_files()
         return rest
-    except flags.Error as e:
-        fail(f"{e} (--help lists the flags)")
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist
-        fail(f"a --config.* override names a field the config does not have: {e} (check the spelling)")
+    except Exception as e:
+        if (where := _config_file_error(e, argv)) is not None:  # a --config file's own error, any type
+            fail(where)
+        if isinstance(e, flags.Error):
+            fail(f"{e} (--help lists the flags)")
+        if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override of a missing field
+            fail(f"a --config.* override names a field the config does not have: {e} (check the spelling)")
+        raise
     raise AssertionError("unreachable")
+
+
+def _config_file_error(error: BaseException, argv: Sequence[str]) -> str | None:
+    """``FILE, line N: Type: message`` when ``error`` (or what it wraps) was raised by a Python
+    file named in a flag (a --config file's syntax error, or its get_config raising), else None."""
+    given = {os.path.abspath(a.split("=", 1)[1].split(":", 1)[0]) for a in argv[1:] if "=" in a}
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        lines = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
+        if isinstance(error, SyntaxError) and error.filename:
+            lines.append((error.filename, error.lineno))
+        for filename, lineno in reversed(lines):  # the innermost frame in a named file
+            if os.path.abspath(filename) in given:
+                detail = error.msg if isinstance(error, SyntaxError) else str(error).splitlines()[0]
+                return f"{filename}, line {lineno}: {type(error).__name__}: {detail[:200]}"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _check_config_files() -> None:

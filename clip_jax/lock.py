@@ -4,9 +4,9 @@ Two runs in one workdir would interleave their metrics and fight over the checkp
 (both die at the save). The lock is taken before anything is written and holds JSON
 ``{"host", "pid", "since", "token"}``; a second run stops at once with one line naming
 the holder. A lock left by a process that died on this host (its pid is gone) is stale:
-it is taken over, with a log line. Locally the file is created with ``O_EXCL`` (atomic);
-on an object store (``gs://``) the object is written, then read back: the writer whose
-token is there holds it (a race of two starts within one upload is not excluded).
+it is taken over, with a log line. The file is created create-only (`storage.create_exclusive`:
+``O_EXCL`` locally, GCS's ``ifGenerationMatch=0`` precondition on ``gs://``), so of two
+starts exactly one holds it.
 
 Only process 0 of a multi-process run takes it (the others are the same run).
 """
@@ -75,20 +75,17 @@ def _is_stale(holder: dict) -> bool:
 
 
 def _create(path: str, record: dict) -> bool:
-    """Creates the lock file holding ``record``; False when one exists."""
-    data = json.dumps(record).encode()
-    if storage.is_remote(path):
-        if storage.exists(path):
-            return False
-        storage.write_bytes(path, data)
-        return (_read_holder(path) or {}).get("token") == record["token"]
+    """Creates the lock file holding ``record``; False when one exists (create-only: atomic)."""
+    # On gs:// also looked for first and read back after: a store that ignores the precondition
+    # (gcp-storage-emulator) still refuses a second start that comes after the first one's upload.
+    remote = storage.is_remote(path)
+    if remote and storage.exists(path):
+        return False
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        storage.create_exclusive(path, json.dumps(record).encode())
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return True
+    return not remote or (_read_holder(path) or {}).get("token") == record["token"]
 
 
 def acquire(workdir: str) -> dict:

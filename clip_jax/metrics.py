@@ -72,7 +72,8 @@ class MetricsLogger:
         self.global_batch = global_batch
         self.primary = primary
         self.start = time.perf_counter()
-        self._last_time, self._last_step = self.start, 0
+        # Rates count from the step the run resumed at, not from 0.
+        self._last_time, self._last_step, self._first = self.start, resumed_step, True
         self.summaries = Summaries(workdir, tensorboard, wandb_project, wandb_config) if primary else None
 
     def write(self, step: int, step_metrics: dict) -> dict:
@@ -82,7 +83,7 @@ class MetricsLogger:
         steps = step - self._last_step
         seconds = max(now - self._last_time, 1e-9)
         # The first interval includes compilation: no ETA is extrapolated from it.
-        first = self._last_step == 0
+        first, self._first = self._first, False
         record = {
             "step": step,
             **values,

@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags
 
 from clip_jax import cli, storage
-from clip_jax.data import records
+from clip_jax.data import bounded, records
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # A few of CLIP's ImageNet prompt templates (Radford et al. 2021, notebooks/Prompt_Engineering).
@@ -85,8 +85,7 @@ def read_bytes(ref: str) -> bytes:
     if path.endswith(".array_record") and index.isdigit():
         image = records.decode(records.open_shard(path)[int(index)]).get("image")
         return image if isinstance(image, bytes) else b""
-    with open(ref, "rb") as f:
-        return f.read()
+    return bounded.read_file(ref)  # regular files of bounded size only: never /dev/zero, a FIFO
 
 
 def embed_images(model, items: Sequence[Item], skipped: collections.Counter) -> tuple[np.ndarray, list[Item]]:

@@ -23,6 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from clip_jax import cli, outputs, storage  # noqa: E402
+from clip_jax.data import bounded  # noqa: E402
+
+MAX_EVAL_BYTES = 16 * 2**20  # an eval/*.json larger than this is no clip_jax result: refused, not read
 
 CURVES = (
     ("loss", ("loss",)),
@@ -38,7 +41,7 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not storage.exists(path):
         return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    return [json.loads(line) for line in bounded.lines(path) if line.strip()]  # streamed, lines capped
 
 
 def read_evals(workdir: str) -> dict[str, list[tuple[int, dict]]]:
@@ -47,6 +50,8 @@ def read_evals(workdir: str) -> dict[str, list[tuple[int, dict]]]:
     for path in storage.glob(os.path.join(workdir, "eval", "*.json")):
         match = re.fullmatch(r"(\d+)_?(.*)\.json", os.path.basename(path))
         if match:
+            if (size := storage.size(path)) > MAX_EVAL_BYTES:  # results of a run are kilobytes
+                raise storage.BadFileError(f"{path}: {size} bytes, over {MAX_EVAL_BYTES}; not eval results")
             results = storage.read_json(path)
             out.setdefault(match.group(2), []).append((int(match.group(1)), results))
     return {k: sorted(v, key=lambda x: x[0]) for k, v in sorted(out.items())}

@@ -128,6 +128,18 @@ def write_bytes(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def create_exclusive(path: str, data: bytes) -> None:
+    """Creates ``path`` holding ``data``; raises FileExistsError when it exists, atomically: of
+    two concurrent creators exactly one succeeds (locally ``O_EXCL``; on GCS the create-only
+    precondition ``ifGenerationMatch=0``, answered 412 when the object exists)."""
+    if is_remote(path):
+        _fs(path).pipe_file(path, data, mode="create")  # gcsfs: 412 -> FileExistsError
+        return
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from clip_jax import checkpoint, evaluate, lock, losses, metrics, optim, sharding, storage, validation
-from clip_jax.data import elastic, mixture, pipeline, scenes, skips, transforms
+from clip_jax.data import elastic, emoji_data, mixture, pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip, shapes
 
@@ -252,6 +252,10 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
             )
         dataset = scenes.ensure_dataset(directory, seed=spec.seed, **sizes)
         return DataSpec(dataset.train_files, dataset.tokenizer, dataset)
+    if data.get("emoji"):  # the emoji demo: made in WORKDIR/data, under the same rule as the scenes
+        has_steps = checkpoint.has_steps(os.path.join(workdir, "checkpoints"))
+        dataset = emoji_data.resolve(config, workdir, model_shape(config).vision.image_size, has_steps)
+        return DataSpec(dataset.train_files, dataset.tokenizer)
     sources = validation.data_sources(config)
     if sources:
         return DataSpec([f for s in sources for f in s.files], data.tokenizer, sources=tuple(sources))

@@ -12,9 +12,11 @@ and the stats name the first few of each. Parquet needs pyarrow. Rerunning skips
 finished shards; the summary goes to ``OUT_DIR/PREFIX-stats.json``.
 """
 
+import os
+
 from absl import flags
 
-from clip_jax import cli
+from clip_jax import cli, outputs
 from clip_jax.data import bounded, convert, convert_flags
 
 _TABLE = flags.DEFINE_string("table", None, ".csv, .tsv or .parquet file.", required=True)
@@ -46,6 +48,12 @@ _OPTIONS = convert_flags.define()  # filters, --dedup (within each shard), --exc
 
 def main(argv):
     del argv
+    # The shards may go in a subfolder of --image_dir (the default "."), not where the table or
+    # the images are: --out_dir may neither be, nor hold, --image_dir.
+    outputs.check_target(_OUT_DIR.value, [_TABLE.value], overwrite=True, flag="--out_dir")
+    out, images = os.path.realpath(_OUT_DIR.value), os.path.realpath(_IMAGE_DIR.value)
+    if out == images or images.startswith(out.rstrip(os.sep) + os.sep):
+        raise cli.UserError(f"--out_dir={_OUT_DIR.value} holds the images of --image_dir; choose another")
     tasks = convert.folder_tasks(
         _TABLE.value,
         _IMAGE_DIR.value,

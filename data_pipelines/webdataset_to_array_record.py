@@ -11,7 +11,7 @@ summary goes to ``OUT_DIR/PREFIX-stats.json``.
 
 from absl import flags
 
-from clip_jax import cli
+from clip_jax import cli, outputs
 from clip_jax.data import bounded, convert, convert_flags, records
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .tar shards, comma-separated.", required=True)
@@ -32,6 +32,8 @@ _OPTIONS = convert_flags.define()  # filters, --dedup (within each shard), --exc
 def main(argv):
     del argv
     shards = records.expand(_INPUT.value, "--input")
+    # overwrite=True: a rerun keeps finished shards (convert.run); only writing among the inputs is refused
+    outputs.check_target(_OUT_DIR.value, shards, overwrite=True, flag="--out_dir")
     tasks = convert.webdataset_tasks(shards, _OUT_DIR.value, _PREFIX.value, max_bytes=_MAX_BYTES.value)
     opts = _OPTIONS(size=_SIZE.value, quality=_QUALITY.value)
     stats = convert.run(

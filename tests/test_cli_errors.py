@@ -135,3 +135,29 @@ def test_evaluation_sets_skip_and_count_corrupt_records(tmp_path, capsys):
     with pytest.raises(records.ShardError, match="notes.array_record is not an ArrayRecord shard"):
         (tmp_path / "notes.array_record").write_text("notes")
         records.read_all([str(tmp_path / "notes.array_record")])
+
+
+@pytest.mark.parametrize(
+    "body, line, kind",
+    [
+        ("x = (\n", 1, "SyntaxError"),
+        ("def get_config():\n    raise ValueError('boom')\n", 2, "ValueError: boom"),
+        ("def get_config():\n    return {}['missing']\n", 2, "KeyError"),
+        ("import no_such_module_xyz\n", 1, "ModuleNotFoundError"),
+    ],
+)
+def test_broken_config_file_is_one_line(tmp_path, body, line, kind):
+    """A --config file that does not parse or raises in get_config: one line naming file and line."""
+    config = tmp_path / "broken.py"
+    config.write_text(body)
+    program = (
+        "from ml_collections import config_flags\nfrom clip_jax import cli\n"
+        "config_flags.DEFINE_config_file('config')\ncli.run(lambda argv: None)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", program, f"--config={config}"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == done.stderr.strip().splitlines()[0], done.stderr
+    assert done.stderr.startswith(f"error: {config}, line {line}: {kind}"), done.stderr

@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import pathlib
+import subprocess
 import sys
 import types
 
@@ -9,7 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clip_jax import cli
 from clip_jax.data import convert, pipeline, records
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_folder(tmp_path, n=7):
@@ -103,3 +109,51 @@ def test_interrupted_conversion_resumes_and_never_looks_finished(tmp_path):
     assert stats["shards_resumed"] == 1 and stats["kept"] == 7 and stats["shards"] == 3
     assert json.loads((out / "f-stats.json").read_text())["kept"] == 7
     assert len(pipeline.read_all(records.expand(str(out / "f-*.array_record"), "x"))) == 7
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("notes.txt", "just some notes\n"),  # a text file: a header, no rows
+        ("nocol.csv", "a,b\n1,2\n"),  # no image / caption column
+        ("norows.csv", "file,caption\n"),  # the columns, no rows
+        ("t.parquet", "not parquet"),
+        ("missing.csv", None),
+    ],
+)
+def test_a_table_that_is_no_caption_table_is_one_user_error(tmp_path, name, text):
+    """Not "kept 0" and exit 0: an error naming the table (cli.UserError: one line, exit 2)."""
+    if name.endswith(".parquet"):
+        pytest.importorskip("pyarrow")
+    table = tmp_path / name
+    if text is not None:
+        table.write_text(text)
+    with pytest.raises(cli.UserError, match=str(table).replace(".", r"\.")) as e:
+        convert.folder_tasks(str(table), str(tmp_path), str(tmp_path / "out"), "f")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "script, args, out",
+    [
+        ("folder", ["--table=imgs/t.csv", "--image_dir=imgs"], "imgs"),  # beside the table
+        ("folder", ["--table=t.csv", "--image_dir=imgs"], "imgs"),  # among the images
+        ("folder", ["--table=t.csv", "--image_dir=imgs"], "."),  # holding the images
+        ("webdataset", ["--input=imgs/a.tar"], "imgs"),  # among the input shards
+    ],
+)
+def test_a_converter_refuses_an_out_dir_among_its_inputs(tmp_path, script, args, out):
+    (tmp_path / "imgs").mkdir()
+    for table in (tmp_path / "t.csv", tmp_path / "imgs" / "t.csv"):
+        table.write_text("file,caption\na.jpg,hi\n")
+    (tmp_path / "imgs" / "a.tar").write_bytes(b"")
+    program = ROOT / "data_pipelines" / f"{script}_to_array_record.py"
+    done = subprocess.run(
+        [sys.executable, str(program), *args, f"--out_dir={out}", "--num_processes=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 2 and done.stderr.startswith(f"error: --out_dir={out} "), done.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.tar", "imgs", "t.csv", "t.csv"]

@@ -67,3 +67,17 @@ def test_no_events_from_other_processes(tmp_path):
     logger.write(1, {k: jnp.float32(v) for k, v in VALUES.items()})
     logger.write_eval(1, {"x": 1.0})
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_rates_after_a_resume_count_from_the_resumed_step(tmp_path, monkeypatch):
+    """Resumed at step 100, the first row at 110 after 5 s ran 10 steps: 2 steps/s, not 22."""
+    clock = iter([1000.0, 1005.0, 1010.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    logger = metrics.MetricsLogger(
+        str(tmp_path), total_steps=200, global_batch=4, primary=False, resumed_step=100
+    )
+    first = logger.write(110, {k: jnp.float32(v) for k, v in VALUES.items()})
+    second = logger.write(120, {k: jnp.float32(v) for k, v in VALUES.items()})
+    assert first["steps_per_sec"] == pytest.approx(10 / 5) and first["pairs_per_sec"] == pytest.approx(8)
+    assert first["eta_s"] is None  # the first interval after a start includes compilation
+    assert second["steps_per_sec"] == pytest.approx(2) and second["eta_s"] == pytest.approx(80 / 2)

@@ -9,7 +9,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from test_inference import tiny_export  # noqa: F401 (the fixture)
 
 from clip_jax import cli, inference, predict
-from clip_jax.data import pipeline, records
+from clip_jax.data import bounded, pipeline, records, skips
 
 
 def test_classify_skips_missing_and_unreadable_images(tiny_export, tmp_path, capsys):  # noqa: F811
@@ -104,3 +104,13 @@ def test_the_contact_sheet_escapes_captions_refs_and_the_query(tmp_path):
     text = page.read_text()
     assert "<script>" not in text and "<b>" not in text and 'onerror="' not in text
     assert "&lt;script&gt;" in text and "a&lt;b&gt;.png" in text
+
+
+def test_image_reads_are_bounded(tmp_path):
+    """A file over the size cap (e.g. a thumbnail's source) is refused, not read into memory."""
+    big = tmp_path / "big.png"
+    with big.open("wb") as f:
+        f.truncate(bounded.MAX_MEMBER_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(skips.BadRecord, match="big.png"):
+        predict.read_bytes(str(big))
+    assert predict._thumbnail(str(big)) == ""

@@ -3,7 +3,10 @@
 import json
 import pathlib
 
-from clip_jax import report
+import pytest
+
+from clip_jax import cli, report
+from clip_jax.data import bounded
 
 SCRIPT = "<script>alert(1)</script>"
 
@@ -51,3 +54,27 @@ def test_hostile_metric_names_values_and_keys_are_escaped_and_kept_inside(tmp_pa
     assert len(pngs) == 6  # training, steps, three confusions, one prompts plot
     for name in pngs:
         assert f"src='{name}'" in page
+
+
+def test_metrics_are_streamed_and_each_line_is_capped(tmp_path):
+    """A long run's metrics.jsonl is read line by line (any length); one line over the cap (no
+    clip_jax row is) is refused naming the file, before it is held in memory."""
+    rows = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(300)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [json.loads(x) for x in bounded.lines(str(tmp_path / "metrics.jsonl"), chunk=7)] == rows
+    assert report.read_metrics(str(tmp_path)) == rows
+    huge = json.dumps({"step": 300, "loss": "x" * (bounded.MAX_LINE_BYTES + 1)})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(huge + "\n")
+    with pytest.raises(cli.UserError, match="metrics.jsonl: a line over"):
+        report.read_metrics(str(tmp_path))
+
+
+def test_an_eval_file_over_the_size_cap_is_refused(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "2.json").write_text(json.dumps({"step": 2, "top1": 0.5}))
+    assert report.read_evals(str(tmp_path)) == {"": [(2, {"step": 2, "top1": 0.5})]}
+    padding = "x" * report.MAX_EVAL_BYTES
+    (tmp_path / "eval" / "3.json").write_text(json.dumps({"step": 3, "top1": 0.5, "pad": padding}))
+    with pytest.raises(cli.UserError, match="3.json: .* bytes, over"):
+        report.read_evals(str(tmp_path))

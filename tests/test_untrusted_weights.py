@@ -197,3 +197,31 @@ def test_state_set_on_anything_but_a_module_record_is_refused(tmp_path):
     _with_data_pkl(plain, crafted, pickle.dumps(_Built(), protocol=2))
     with pytest.raises(torchscript.UntrustedCode, match="sets the state of a OrderedDict"):
         torchscript.read_tensors(str(crafted), str(crafted))
+
+
+@pytest.mark.parametrize("kind", ["text", "json", "empty_safetensors", "npz", "garbage_dir", "other_tensors"])
+def test_not_weights_is_one_user_error(tmp_path, kind):
+    """What is no weights file clip_jax reads is refused naming the path, not a KeyError or a torch
+    traceback deep in a reader."""
+    path = tmp_path / "w"
+    if kind == "text":
+        path = tmp_path / "notes.txt"
+        path.write_text("hello\n")
+    elif kind == "json":
+        path = tmp_path / "w.json"
+        path.write_text('{"a": 1}')
+    elif kind == "empty_safetensors":
+        path = tmp_path / "w.safetensors"
+        path.write_bytes(b"")
+    elif kind == "npz":
+        path = tmp_path / "w.npz"
+        np.savez(path, a=np.zeros(3))
+    elif kind == "garbage_dir":
+        path.mkdir()
+        (path / "readme.md").write_text("x")
+    else:  # a valid torch file holding something else
+        path = tmp_path / "w.pt"
+        torch.save({"a": torch.zeros(2)}, path)
+    with pytest.raises(files.NotWeights, match=str(path).replace(".", r"\.")) as e:
+        files.load(str(path))
+    assert isinstance(e.value, clip_jax.cli.UserError) and "\n" not in str(e.value)

@@ -160,3 +160,38 @@ def test_metrics_after_a_rollback_hold_one_row_per_step(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in rows] == [1.0, 1.0, 1.0, 0.5, 0.5]  # 4, 5 are the new run's
+
+
+class _FakeGCS:
+    """A bucket that honours GCS's create-only precondition (gcp-storage-emulator ignores
+    ``ifGenerationMatch``, so the lock's gs:// path is tested here, against this)."""
+
+    def __init__(self):
+        self.objects: dict[str, bytes] = {}
+
+    def pipe_file(self, path, data, mode="overwrite"):
+        if mode == "create" and path in self.objects:
+            raise FileExistsError(path)  # gcsfs's answer to HTTP 412
+        self.objects[path] = data
+
+    def read_bytes(self, path):
+        if path not in self.objects:
+            raise FileNotFoundError(path)
+        return self.objects[path]
+
+
+def test_two_starts_on_a_gs_workdir_cannot_both_hold_the_lock(monkeypatch):
+    """Both starts look before either writes (the race an exists-then-write lock loses): the
+    create-only upload lets exactly one hold the lock."""
+    bucket = _FakeGCS()
+    monkeypatch.setattr(lock.storage, "_fs", lambda path: bucket)
+    monkeypatch.setattr(lock.storage, "exists", lambda path: False)  # neither saw the other's lock
+    monkeypatch.setattr(lock.storage, "read_bytes", bucket.read_bytes)
+    monkeypatch.setattr(lock.storage, "write_bytes", bucket.pipe_file)
+    monkeypatch.setattr(lock.storage, "remove", bucket.objects.pop)
+    first = lock.acquire("gs://b/run")
+    with pytest.raises(lock.WorkdirBusyError, match=f"pid {os.getpid()}"):
+        lock.acquire("gs://b/run")
+    assert json.loads(bucket.objects["gs://b/run/.lock"])["token"] == first["token"]
+    lock.release("gs://b/run", first)
+    assert not bucket.objects

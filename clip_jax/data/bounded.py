@@ -13,11 +13,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 
 from clip_jax import cli, storage
 from clip_jax.data import skips
 
 MAX_MEMBER_BYTES = 64 * 2**20  # an image, caption or metadata member larger than this is skipped
+MAX_LINE_BYTES = 2**20  # a line of a JSON-lines file (a metrics row is a few hundred bytes)
 
 # Magic bytes of the compressions a shard may arrive in; the readers take plain tar only.
 COMPRESSED = (
@@ -90,3 +92,18 @@ def read_bytes(path: str, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
     if (size := storage.size(path)) > max_bytes:
         raise skips.BadRecord("too_large", f"{path}: {size} bytes > {max_bytes}")
     return storage.read_bytes(path)
+
+
+def lines(path: str, max_line_bytes: int = MAX_LINE_BYTES, chunk: int = 2**20) -> Iterator[bytes]:
+    """The lines of ``path`` (local or ``gs://``), streamed: a file of any length is read in
+    ``chunk``-byte pieces, and a line longer than ``max_line_bytes`` (a file that is no
+    JSON lines, or a crafted one) raises `BadShard` naming the file instead of filling memory."""
+    pending = b""
+    with storage.open_file(path, "rb") as f:
+        while piece := f.read(chunk):
+            *complete, pending = (pending + piece).split(b"\n")
+            if any(len(line) > max_line_bytes for line in complete) or len(pending) > max_line_bytes:
+                raise BadShard(f"{path}: a line over {max_line_bytes} bytes; not clip_jax JSON lines")
+            yield from complete
+    if pending:
+        yield pending

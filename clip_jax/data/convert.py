@@ -349,11 +349,17 @@ def read_table(path: str) -> list[dict[str, Any]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise bounded.BadShard(f"{path}: not a parquet table ({str(e)[:120]})") from None
     import csv
 
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+    except (OSError, csv.Error) as e:
+        raise bounded.BadShard(f"{path}: cannot read the table ({e.strerror or e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,8 +410,12 @@ def folder_tasks(
     """
     rows = read_table(table)
     columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
-    if rows and (image_column not in rows[0] or any(c not in rows[0] for c in columns)):
-        raise KeyError(f"{table} needs columns {image_column!r} and {columns}; has {list(rows[0])}")
+    if not rows or image_column not in rows[0] or any(c not in rows[0] for c in columns):
+        has = f"columns {list(rows[0])[:5]}" if rows else "no rows"
+        raise bounded.BadShard(
+            f"{table}: {has}; a caption table (.csv/.tsv/.parquet) has a header with columns "
+            f"{image_column!r} and {columns} (--image_column, --caption_column) and rows"
+        )
     items, where = [], {}
     for i, row in enumerate(rows):
         label = row.get(label_column) if label_column else None

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from clip_jax import storage
+from clip_jax import cli, storage
 from clip_jax.interop import big_vision, hf, hf_siglip, mapping, open_clip, openai, torchscript
 from clip_jax.interop import overrides as overrides_lib
 from clip_jax.models import shapes
@@ -45,6 +45,20 @@ HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 OPEN_CLIP_FILES = (OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.bin")  # open_clip's hub repositories
 PARAMS_WEIGHTS, PARAMS_CONFIG = "params.safetensors", "clip_config.json"
+
+READ = (
+    f"an {'/'.join(FORMATS)} export directory, an open_clip directory ({', '.join(OPEN_CLIP_FILES)}), "
+    "or a .safetensors/.pt/.bin state dict"
+)
+_PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))  # torch's legacy (non-zip) files
+
+
+class NotWeights(cli.UserError, ValueError):
+    """A path that is none of the weights `load` reads (a text file, an empty or foreign archive)."""
+
+    def __init__(self, path: str, what: str):
+        super().__init__(f"{path}: {what}, not weights clip_jax reads ({READ})")
+
 
 Progress = Callable[[Iterable], Iterable]  # e.g. tqdm.tqdm; wraps the per-tensor loop
 
@@ -142,9 +156,32 @@ def _write_safetensors(tensors: dict[str, np.ndarray], path: str, fmt: str) -> N
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    if storage.is_remote(path):
-        return safetensors.numpy.load(storage.read_bytes(path))
-    return safetensors.numpy.load_file(path)
+    try:
+        if storage.is_remote(path):
+            return safetensors.numpy.load(storage.read_bytes(path))
+        return safetensors.numpy.load_file(path)
+    except safetensors.SafetensorError as e:  # empty, truncated, or another kind of file
+        raise NotWeights(path, f"an unreadable safetensors file ({str(e)[:80]})") from None
+
+
+def _check_torch_file(source: Any, path: str, is_zip: bool) -> None:
+    """Refuses what torch.load would fail on obscurely: text, a zip that is no torch archive."""
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    if is_zip:
+        with zipfile.ZipFile(source) as zf:
+            if not any(n.endswith("/data.pkl") for n in zf.namelist()):
+                raise NotWeights(path, "a zip archive without a torch data.pkl (an .npz?)")
+    else:
+        if isinstance(source, io.BytesIO):
+            head = source.read(2)
+        else:
+            with open(source, "rb") as f:
+                head = f.read(2)
+        if head not in _PICKLE_MAGIC:
+            raise NotWeights(path, "neither safetensors, a torch zip nor a torch pickle")
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
 
 
 def read_tensors(path: str, allow_code: bool = False) -> dict[str, np.ndarray]:
@@ -161,7 +198,9 @@ def read_tensors(path: str, allow_code: bool = False) -> dict[str, np.ndarray]:
     data = storage.read_bytes(path) if storage.is_remote(path) else None
     source = io.BytesIO(data) if data is not None else path
     scripted = False
-    if zipfile.is_zipfile(source):
+    is_zip = zipfile.is_zipfile(source)
+    _check_torch_file(source, path, is_zip)
+    if is_zip:
         with zipfile.ZipFile(source) as zf:
             scripted = torchscript.is_archive(zf)
         if isinstance(source, io.BytesIO):
@@ -268,10 +307,12 @@ def load(
                 raise ValueError(f"{path}: tensors clip_jax has no place for: {extra[:5]}")
             return config, mapping.from_external(tensors, maps)
         names = [n for n in OPEN_CLIP_FILES if storage.exists(os.path.join(path, n))]
-        path = os.path.join(path, names[0] if names else OPEN_CLIP_WEIGHTS)
+        if not names:
+            raise NotWeights(path, "a directory without weights")
+        path = os.path.join(path, names[0])
     tensors = read_tensors(path, allow_code)
     if "visual.conv1.weight" not in tensors:
-        raise ValueError(f"{path}: not an OpenAI/open_clip state dict (no visual.conv1.weight)")
+        raise NotWeights(path, "not an OpenAI/open_clip state dict (no visual.conv1.weight)")
     config = openai.clip_config(tensors, os.path.dirname(path), given)
     maps = openai.tensor_maps(config, "logit_bias" in tensors)
     if extra := _unexpected(tensors, maps, openai.IGNORED):

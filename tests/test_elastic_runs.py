@@ -164,7 +164,12 @@ def saved_positions(workdir: pathlib.Path, step: int) -> list[dict]:
 
 def params(workdir: pathlib.Path, step: int):
     assert checkpoint.damage(str(workdir / "checkpoints" / str(step))) is None
-    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")["params"]
+    # As numpy arrays: saved by other processes on other devices than this one's.
+    path = workdir / "checkpoints" / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as reader:
+        tree = reader.metadata(path).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))["params"]
 
 
 def key_stream(files, seed: int):

@@ -6,7 +6,9 @@
 Builds the slice's devices from libtpu's topology description (no TPU needed,
 only ``pip install 'clip-jax-tpu[tpu]'``), lowers and compiles the real train
 step (``train.make_train_step`` with the run's state and batch shardings) for
-them, and prints XLA's per-device memory analysis next to the chip's HBM.
+them, and prints XLA's per-device memory analysis next to the chip's HBM, and
+XLA's cost analysis (FLOPs, bytes accessed) with the roofline bound it implies
+on the chip: the least step time and the most MFU the slice could reach.
 Exit code 0 when it fits, 1 when it does not: also when XLA refuses to compile
 because the step's buffers exceed HBM (``RESOURCE_EXHAUSTED``), the case this check exists
 for. Then it suggests what to change.
@@ -32,6 +34,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from clip_jax import cli, losses, optim, sharding, train, validation
+from clip_jax.models import clip
 
 GIB = 1 << 30
 
@@ -41,13 +44,16 @@ class Generation:
     hbm_gib: float  # per chip (one JAX device per chip; v4/v5p megacore)
     cores_per_chip_in_name: int  # v4-128 counts TensorCores (64 chips); v5e-256 counts chips
     three_d: bool  # 3D torus (v4, v5p) or 2D (v5e, v6e)
+    peak_flops: float  # bf16 FLOP/s per chip
+    hbm_bandwidth: float  # HBM bytes/s per chip
 
 
+# Peaks and bandwidths as Google publishes them per chip (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
 GENERATIONS = {
-    "v4": Generation(32, 2, True),
-    "v5e": Generation(16, 1, False),
-    "v5p": Generation(95, 2, True),
-    "v6e": Generation(32, 1, False),
+    "v4": Generation(32, 2, True, 275e12, 1200e9),
+    "v5e": Generation(16, 1, False, 197e12, 819e9),
+    "v5p": Generation(95, 2, True, 459e12, 2765e9),
+    "v6e": Generation(32, 1, False, 918e12, 1638e9),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 # Chips -> torus shape, the shapes Cloud TPU slices come in.
@@ -142,7 +148,56 @@ def compile_step(config: ml_collections.ConfigDict, devices: list) -> dict:
     memory["total"] = (
         memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
     )
-    return {"memory": memory, "compile_s": round(time.monotonic() - start, 1), "mesh": dict(mesh.shape)}
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # older jax: one dict per program
+    return {
+        "memory": memory,
+        # Per device: for an SPMD executable XLA analyses the one partitioned program each device runs
+        # (tests/test_aot.py checks: the tiny step on 1 device reports ~8x the FLOPs it does on 8).
+        "cost": {"flops": cost.get("flops", 0.0), "bytes_accessed": cost.get("bytes accessed", 0.0)},
+        "compile_s": round(time.monotonic() - start, 1),
+        "mesh": dict(mesh.shape),
+    }
+
+
+def model_flops(config: ml_collections.ConfigDict) -> float:
+    """Model FLOPs of one train step: 3 x forward (benchmark.py's formula), FLIP's kept patches."""
+    model = train.build_model(config)
+    patches = getattr(model.config.vision, "num_patches", None)  # None: a ResNet tower
+    kept = None if patches is None else patches - int(patches * config.model.patch_dropout)
+    return 3 * clip.forward_flops_per_pair(model.config, kept) * config.train.batch_size
+
+
+def loop_caveat(config: ml_collections.ConfigDict) -> str | None:
+    """XLA's cost analysis counts a while loop's body ONCE, not once per trip (measured: the tiny
+    model's FLOPs drop to a third with scan over its 4- and 3-layer towers), so a step with loops is
+    under-counted and its roofline too optimistic. Says so rather than print a wrong bound silently."""
+    loops = [("scan", config.model.scan), ("accum_steps > 1", config.train.accum_steps > 1)]
+    loops = [name for name, on in loops if on]
+    if not loops:
+        return None
+    return f"{' and '.join(loops)}: XLA counts a loop body once: FLOPs, bytes and this bound are too low"
+
+
+def roofline(cost: dict, step_model_flops: float, chips: int, generation: Generation) -> dict:
+    """The least step time XLA's per-device ``cost`` allows on the chip, and the MFU it caps.
+
+    step >= max(FLOPs / peak, bytes / HBM bandwidth) per chip (no overlap loss, no collectives'
+    wire time); MFU <= model FLOPs / (chips x peak x step). ``xla_to_model_flops`` > 1 is XLA's
+    extra work: recomputation under remat, the optimizer, the loss, elementwise ops.
+    """
+    compute_s = cost["flops"] / generation.peak_flops
+    memory_s = cost["bytes_accessed"] / generation.hbm_bandwidth
+    step_s = max(compute_s, memory_s)
+    return {
+        "compute_s": compute_s,
+        "memory_s": memory_s,
+        "step_s": step_s,
+        "bound": "compute" if compute_s >= memory_s else "HBM bandwidth",
+        "model_flops": step_model_flops,
+        "mfu_bound": step_model_flops / (chips * generation.peak_flops * step_s),
+        "xla_to_model_flops": cost["flops"] * chips / step_model_flops,
+    }
 
 
 def report(config: ml_collections.ConfigDict, topology: Topology, platform: str) -> dict:
@@ -156,6 +211,11 @@ def report(config: ml_collections.ConfigDict, topology: Topology, platform: str)
     try:
         result = compile_step(config, devices)
         total = result["memory"]["total"]
+        spec = GENERATIONS[topology.generation]
+        # No FLOPs reported (a backend without cost analysis): no bound rather than a made-up one.
+        if result["cost"]["flops"] > 0:
+            result["roofline"] = roofline(result["cost"], model_flops(config), len(devices), spec)
+            result["roofline"]["caveat"] = loop_caveat(config)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -206,8 +266,24 @@ def verdict(summary: dict) -> str:
         f"({summary['compiled_for']}): {used} per device, "
         f"{'fits' if summary['fits'] else 'does NOT fit'} in {summary['hbm_gib']} GiB HBM"
     )
+    if summary.get("roofline"):
+        line += "\n" + roofline_line(summary["roofline"], summary["compiled_for"])
     if not summary["fits"]:
         line += "\ntry: " + "; ".join(SUGGESTIONS)
+    return line
+
+
+def roofline_line(bound: dict, compiled_for: str) -> str:
+    """The roofline bound in one line (labelled as XLA:CPU's when it is)."""
+    line = (
+        f"roofline: step >= {bound['step_s'] * 1e3:.1f} ms ({bound['bound']}-bound: FLOPs "
+        f"{bound['compute_s'] * 1e3:.1f} ms, HBM {bound['memory_s'] * 1e3:.1f} ms per chip), "
+        f"MFU <= {100 * bound['mfu_bound']:.1f}%; XLA FLOPs / model FLOPs = {bound['xla_to_model_flops']:.2f}"
+    )
+    if not compiled_for.startswith("TPU"):
+        line += " (XLA:CPU's cost analysis: indicative only)"
+    if bound.get("caveat"):
+        line += f"\n  caution: {bound['caveat']}"
     return line
 
 

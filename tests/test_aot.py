@@ -33,14 +33,94 @@ def tiny_config(batch_size: int):
     return config
 
 
-def test_cpu_fallback_compiles_the_tiny_step_for_8_simulated_devices():
-    summary = aot.report(tiny_config(32), aot.parse_topology("v5e-8"), "cpu")
-    print(summary)
+@pytest.fixture(scope="module")
+def tiny_summary():
+    """The tiny step compiled for 8 simulated CPU devices (one compile shared by the tests below)."""
+    return aot.report(tiny_config(32), aot.parse_topology("v5e-8"), "cpu")
+
+
+def test_cpu_fallback_compiles_the_tiny_step_for_8_simulated_devices(tiny_summary):
+    summary = tiny_summary
     assert summary["compiled_for"].startswith("simulated CPU")
     assert summary["mesh"] == {"data": 8, "fsdp": 1, "model": 1} and summary["per_device_batch"] == 4
     memory = summary["memory"]
     assert memory["temporaries"] > 0 and memory["aliased"] > 0  # the state's buffers are donated
     assert memory["total"] < 1 << 30 and summary["fits"]
+
+
+# The tiny variant's forward FLOPs per pair, by hand (layer = 24 n d^2 + 4 n^2 d):
+# image: 4 layers x (24*26*128^2 + 4*26^2*128) + patch embedding 2*25*3*8^2*128 = 43,507,712;
+# text: 3 x (24*16*128^2 + 4*16^2*128) = 19,267,584; projections 2*128*(128+128) = 65,536.
+TINY_FORWARD_FLOPS = 43_507_712 + 19_267_584 + 65_536
+
+
+def test_model_flops_of_a_step_is_three_forward_passes_of_the_batch():
+    assert aot.model_flops(tiny_config(32)) == 3 * 32 * TINY_FORWARD_FLOPS
+
+
+def test_cost_analysis_of_the_tiny_step_is_per_device_and_close_to_the_model_flops(tiny_summary):
+    cost, bound = tiny_summary["cost"], tiny_summary["roofline"]
+    per_device_model_flops = 3 * 32 * TINY_FORWARD_FLOPS / 8
+    assert 0.95 < cost["flops"] / per_device_model_flops < 1.3  # plus the loss and the optimizer
+    assert cost["bytes_accessed"] > 0
+    assert bound["xla_to_model_flops"] == pytest.approx(cost["flops"] * 8 / (3 * 32 * TINY_FORWARD_FLOPS))
+    assert bound["caveat"] is None
+    # The same step on ONE device: XLA reports about 8x the FLOPs, so the figure is per device, not
+    # the whole program's (a bit under 8x: the replicated optimizer update is not split).
+    one = aot.compile_step(tiny_config(32), jax.devices()[:1])
+    assert 7 < one["cost"]["flops"] / cost["flops"] <= 8.01
+    line = aot.verdict(tiny_summary)
+    assert "roofline: step >= " in line and "XLA:CPU's cost analysis: indicative only" in line
+
+
+V5E = aot.GENERATIONS["v5e"]  # 197 TFLOP/s, 819 GB/s per chip
+
+
+def test_roofline_arithmetic_on_numbers_worked_by_hand():
+    # 1.97 TFLOP / 197 TFLOP/s = 10 ms; 3.276 GB / 819 GB/s = 4 ms: compute-bound, 10 ms.
+    # Model FLOPs 2.5216e14 on 256 chips for 10 ms at 197e12: 2.5216e14 / 5.0432e14 = 50% MFU;
+    # XLA's 256 x 1.97e12 = 5.0432e14 FLOPs are twice the model's.
+    bound = aot.roofline({"flops": 1.97e12, "bytes_accessed": 3.276e9}, 2.5216e14, 256, V5E)
+    assert bound["compute_s"] == pytest.approx(0.010) and bound["memory_s"] == pytest.approx(0.004)
+    assert bound["step_s"] == pytest.approx(0.010) and bound["bound"] == "compute"
+    assert bound["mfu_bound"] == pytest.approx(0.5) and bound["xla_to_model_flops"] == pytest.approx(2.0)
+    # 16.38 GB / 819 GB/s = 20 ms > 10 ms: HBM-bound, and the MFU cap halves to 25%.
+    bound = aot.roofline({"flops": 1.97e12, "bytes_accessed": 16.38e9}, 2.5216e14, 256, V5E)
+    assert bound["step_s"] == pytest.approx(0.020) and bound["bound"] == "HBM bandwidth"
+    assert bound["mfu_bound"] == pytest.approx(0.25)
+    bound["caveat"] = None
+    line = aot.roofline_line(bound, "TPU (libtpu AOT)")
+    assert line.startswith("roofline: step >= 20.0 ms (HBM bandwidth-bound: FLOPs 10.0 ms, HBM 20.0 ms")
+    assert "MFU <= 25.0%; XLA FLOPs / model FLOPs = 2.00" in line and "indicative" not in line
+
+
+def test_published_chip_peaks():
+    """Google's per-chip bf16 peak and HBM bandwidth (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e)."""
+    peaks = {name: (g.peak_flops, g.hbm_bandwidth) for name, g in aot.GENERATIONS.items()}
+    assert peaks == {
+        "v4": (275e12, 1200e9),
+        "v5e": (197e12, 819e9),
+        "v5p": (459e12, 2765e9),
+        "v6e": (918e12, 1638e9),
+    }
+
+
+def test_loops_are_flagged_as_under_counted():
+    config = tiny_config(32)
+    assert aot.loop_caveat(config) is None
+    config.model.scan = True
+    config.train.accum_steps = 2
+    assert aot.loop_caveat(config).startswith("scan and accum_steps > 1: XLA counts a loop body once")
+
+
+@pytest.mark.slow
+def test_xla_counts_a_scanned_tower_once_not_once_per_layer(tiny_summary):
+    """Why loop_caveat exists: with scan the tiny towers (4 and 3 layers) lose most of their FLOPs.
+    If this fails, XLA now multiplies by the trip count: drop the caveat."""
+    config = tiny_config(32)
+    config.model.scan = True
+    scanned = aot.compile_step(config, jax.devices())
+    assert scanned["cost"]["flops"] < 0.5 * tiny_summary["cost"]["flops"]
 
 
 def test_a_batch_that_does_not_split_over_the_slice_is_refused_before_compiling():
@@ -63,6 +143,7 @@ def test_tpu_aot_for_a_v5e_8_slice_without_a_tpu():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"compiled_for": "TPU (libtpu AOT)"' in proc.stdout and "fits in 16 GiB HBM" in proc.stdout
+    assert "roofline: step >= " in proc.stdout and "indicative" not in proc.stdout
 
 
 OOM = (
@@ -85,6 +166,7 @@ def test_xla_refusing_to_compile_for_lack_of_hbm_is_a_does_not_fit_answer(monkey
     line = aot.verdict(summary)
     assert "17.3 GiB per device, does NOT fit in 16 GiB HBM" in line
     assert "--config.model.remat=full" in line and "batch_size" in line and "--topology" in line
+    assert "roofline" not in summary and "roofline" not in line  # nothing compiled: no cost to bound
 
 
 def test_other_compile_errors_are_not_read_as_out_of_memory(monkeypatch):

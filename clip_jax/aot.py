@@ -240,9 +240,12 @@ def report(config: ml_collections.ConfigDict, topology: Topology, platform: str)
 
 def out_of_memory(message: str) -> dict:
     """The summary fields of a compile XLA refused for lack of memory: its own first line, and the
-    GiB it needed when it says ("Used 17.30G of 15.75G hbm"), else None."""
+    GiB it needed when it says ("Used 17.30G of 15.75G hbm", or libtpu 0.0.42's "the total memory
+    required for HLO temporaries (17.30G) exceeds ..."), else None."""
     first = next((line.strip() for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message)
-    used = re.search(r"Used ([\d.]+)([KMGT])", message)
+    used = re.search(r"Used ([\d.]+)([KMGT])", message) or re.search(
+        r"required for [^(]*\(([\d.]+)([KMGT])", message
+    )
     scale = {"K": 1 / (1 << 20), "M": 1 / 1024, "G": 1.0, "T": 1024.0}
     return {
         "memory": None,

@@ -176,3 +176,13 @@ def test_other_compile_errors_are_not_read_as_out_of_memory(monkeypatch):
     monkeypatch.setattr(aot, "compile_step", compile_step)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         aot.report(tiny_config(32), aot.parse_topology("v5e-8"), "cpu")
+
+
+def test_libtpu_temporaries_wording_gives_the_gib_needed():
+    """libtpu 0.0.42 words the same refusal differently (seen on ViT-L/14, v5e-256)."""
+    message = (
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. The total memory required for HLO "
+        "temporaries (17.30G) exceeds the available memory of 15.75G."
+    )
+    assert aot.out_of_memory(message)["used_gib"] == 17.3
+    assert aot.out_of_memory("RESOURCE_EXHAUSTED: no figure here")["used_gib"] is None

@@ -285,7 +285,10 @@ def load(
     """
     given = overrides_lib.coerce(overrides, **fields)
     if npz := _big_vision_file(path):
-        config, params = big_vision.load(npz)
+        try:
+            config, params = big_vision.load(npz)
+        except ValueError as e:  # a foreign .npz, or one refused by the bounds: one line, the file named
+            raise NotWeights(npz, str(e).removeprefix(f"{npz}: ")) from None
         check_recorded(config, given, npz)
         return config, params
     if storage.isdir(path):

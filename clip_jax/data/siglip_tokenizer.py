@@ -44,8 +44,13 @@ def canonicalize(text: str) -> str:
 
 
 def is_siglip_model(model_path: str) -> bool:
-    """Whether a sentencepiece model has SigLIP's special ids (EOS 1, pad 0), not clip_jax's (EOS 3)."""
-    sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(model_path))
+    """Whether a sentencepiece model has SigLIP's special ids (EOS 1, pad 0), not clip_jax's (EOS 3).
+
+    A file that is no sentencepiece model is not SigLIP's: `tokenizer.Tokenizer` then names it."""
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(model_path))
+    except (RuntimeError, OSError):
+        return False
     return sp.eos_id() == 1 and sp.pad_id() == 0
 
 

@@ -51,3 +51,112 @@ def test_existing_shards_are_never_overwritten(shards, beam_run):
     with pytest.raises(cli.UserError, match="already has 40 shards"):
         beam_convert.run(paths, str(out), "t", convert.Options(), beam_args=WORKERS)
     assert {p: p.stat().st_mtime_ns for p in out.glob("t-*")} == before
+
+
+# Image folder + caption table, and a TFDS split: the local converter's readers on Beam. ------------
+
+
+def make_folder(root):
+    """24 distinct pictures in a folder and a CSV naming them, plus planted rows: a missing file,
+    a tiny image, an empty caption, a path out of the folder, and a byte copy and a re-encoded copy
+    (each later in the same 6-row chunk as its original, so a per-chunk dedup drops them too)."""
+    images = root / "images"
+    images.mkdir()
+    rows = []
+    for i in range(24):
+        (images / f"p{i:02d}.png").write_bytes(shared.encode(shared.picture(700 + i)))
+        rows.append((f"p{i:02d}.png", f"picture {i}"))
+    (images / "tiny.png").write_bytes(shared.encode(shared.picture(800, (8, 8))))
+    (images / "z-copy.png").write_bytes((images / "p00.png").read_bytes())
+    (images / "z-again.jpg").write_bytes(shared.encode(shared.picture(707), "JPEG", quality=85))
+    (root / "secret.png").write_bytes(shared.encode(shared.picture(801)))
+    planted = [("gone.png", "a missing file"), ("tiny.png", "a tiny one"), ("p03.png", " ")]
+    planted += [("../secret.png", "outside"), ("z-copy.png", "same bytes"), ("z-again.jpg", "re-encoded")]
+    rows = rows[:4] + planted[4:5] + rows[4:8] + planted[5:] + rows[8:] + planted[:4]
+    table = root / "captions.csv"
+    table.write_text("file,caption\n" + "".join(f"{f},{c}\n" for f, c in rows))
+    return str(table), str(images)
+
+
+FOLDER_DROPS = {
+    "missing_image": 1,
+    "too_small": 1,
+    "empty_caption": 1,
+    "outside_root": 1,
+    "duplicate_exact": 1,
+    "duplicate_near": 1,
+}
+
+
+def test_beam_and_the_local_converter_agree_on_a_folder_and_table(tmp_path):
+    table, images = make_folder(tmp_path)
+    opts = convert.Options(size=32, filters=shared.FILTERS, dedup=True)
+    local_stats = convert.run(
+        convert.folder_tasks(table, images, str(tmp_path / "local"), "f", rows_per_shard=6),
+        opts,
+        1,
+        str(tmp_path / "local" / "f-stats.json"),
+    )
+    readers = convert.folder_readers(table, images, rows_per_shard=6)
+    assert len(readers) == 5  # 30 rows: the work is split by rows
+    stats = beam_convert.run(readers, str(tmp_path / "beam"), "f", opts, beam_args=WORKERS)
+    local, recs = shared.read_shards(tmp_path / "local", "f"), shared.read_shards(tmp_path / "beam", "f")
+    assert set(recs) == set(local) == {f"p{i:02d}" for i in range(24)}
+    assert stats["skipped"] == local_stats["skipped"] == FOLDER_DROPS
+    assert stats["kept"] == 24 and stats["shards"] == 5
+    for key, rec in recs.items():
+        assert rec["caption"] == local[key]["caption"] == f"picture {int(key[1:])}"
+        assert (shared.pixels(rec["image"]) == shared.pixels(local[key]["image"])).all(), key
+
+
+TFDS_COUNT = 20
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A TFDS split in array_record format (no TensorFlow): 20 pictures with captions, the one
+    made 9th tiny, the 13th with an empty caption (TFDS stores them in another order)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class ClipJaxBeamTiny(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {"image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(TFDS_COUNT):
+                size = (8, 8) if i == 9 else (36, 32)
+                image = shared.encode(shared.picture(600 + i, size))
+                yield str(i), {"image": image, "caption": " " if i == 13 else f"picture {i}"}
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    ClipJaxBeamTiny(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+def test_beam_and_the_local_converter_agree_on_a_tfds_split(tfds_dir, tmp_path):
+    kw = dict(caption_key="caption", label_key=None)
+    opts = convert.Options(size=32, filters=shared.FILTERS, dedup=True)
+    tasks = convert.tfds_tasks(
+        "clip_jax_beam_tiny", "train", str(tmp_path / "local"), "t", tfds_dir, 10, **kw
+    )
+    local_stats = convert.run(tasks, opts, 1, str(tmp_path / "local" / "t-stats.json"))
+    readers = convert.tfds_readers("clip_jax_beam_tiny", "train", tfds_dir, 7, **kw)
+    assert [(r.start, r.stop) for r in readers] == [(0, 7), (7, 14), (14, 20)]  # split by index ranges
+    stats = beam_convert.run(readers, str(tmp_path / "beam"), "t", opts, num_shards=2, beam_args=WORKERS)
+    local, recs = shared.read_shards(tmp_path / "local", "t"), shared.read_shards(tmp_path / "beam", "t")
+    drops = {"too_small": 1, "empty_caption": 1}
+    assert stats["skipped"] == local_stats["skipped"] == drops
+    assert set(recs) == set(local) and len(recs) == TFDS_COUNT - 2
+    assert {r["caption"] for r in recs.values()} == {
+        f"picture {i}" for i in range(TFDS_COUNT) if i not in (9, 13)
+    }
+    assert stats["shards"] == 2
+    for key, rec in recs.items():
+        assert rec["caption"] == local[key]["caption"]
+        assert (shared.pixels(rec["image"]) == shared.pixels(local[key]["image"])).all(), key

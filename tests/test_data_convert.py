@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from clip_jax import cli
-from clip_jax.data import convert, pipeline, records
+from clip_jax.data import bounded, convert, pipeline, records, skips
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -157,3 +157,11 @@ def test_a_converter_refuses_an_out_dir_among_its_inputs(tmp_path, script, args,
     )
     assert done.returncode == 2 and done.stderr.startswith(f"error: --out_dir={out} "), done.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.tar", "imgs", "t.csv", "t.csv"]
+
+
+def test_a_table_row_cannot_leave_a_gs_image_dir():
+    assert bounded.resolve("gs://b/images", "a/b.png") == "gs://b/images/a/b.png"
+    for name in ("../secret.png", "/etc/passwd", "a/../../x.png", "gs://other/x.png"):
+        with pytest.raises(skips.BadRecord, match="outside"):
+            bounded.resolve("gs://b/images", name)
+    assert bounded.resolve("gs://b/images", "../x.png", allow_outside=True) == "gs://b/images/../x.png"

@@ -2,12 +2,14 @@
 
 The pipeline (DirectRunner locally and in tests, DataflowRunner on Google Cloud)::
 
-    tar paths -> Reshuffle -> read + `convert.prepare_hashed` (filters, decode, re-encode)
+    inputs -> Reshuffle -> read + `convert.prepare_hashed` (filters, decode, re-encode)
       -> drop --exclude matches -> group by sha256 (exact copies) -> group by dhash (re-encoded
       copies) -> one group per output shard -> ArrayRecord shards -> PREFIX-stats.json
 
-Each record is made by the local converter's own per-sample function, so both
-write the same records. Duplicates are dropped globally, across all inputs
+The inputs are the local converter's own readers (`convert.TarReader` per tar shard,
+`convert.FolderReader` per chunk of table rows, `convert.TfdsReader` per index range
+of a TFDS split: `inputs`), and each record is made by its own per-sample function,
+so both write the same records. Duplicates are dropped globally, across all inputs
 (group-bys on the hashes, not per shard); of each group the copy with the
 smallest key survives. A flat image (dhash 0: every solid colour shares it) is
 deduplicated by its bytes only. Within a shard records are in no set order.
@@ -27,7 +29,7 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -38,6 +40,7 @@ from clip_jax import cli, storage
 from clip_jax.data import convert, dedup, records, skips
 
 STATS = "stats"  # the tag of the counters each stage emits: (name, n)
+Reader = Callable[[], Iterable[convert.Item]]  # one unit of work: a picklable convert.*Reader
 
 
 def _stat(name: str, n: int = 1) -> beam.pvalue.TaggedOutput:
@@ -45,18 +48,18 @@ def _stat(name: str, n: int = 1) -> beam.pvalue.TaggedOutput:
 
 
 class _Prepare(beam.DoFn):
-    """A tar path -> (sha256, (key, dhash, record bytes)) per kept sample; counters to `STATS`."""
+    """A reader (`inputs`) -> (sha256, (key, dhash, record bytes)) per kept sample; counters to `STATS`."""
 
-    def __init__(self, opts: convert.Options, reader: dict[str, Any]):
-        self.opts, self.reader = opts, reader
+    def __init__(self, opts: convert.Options):
+        self.opts = opts
 
     def setup(self):
         self.exclude = dedup.load_exclude(self.opts.exclude) if self.opts.exclude else frozenset()
 
-    def process(self, path: str) -> Iterator[Any]:
+    def process(self, read: Reader) -> Iterator[Any]:
         hashes = self.opts.dedup or bool(self.exclude)
-        for item in convert.TarReader(path, **self.reader)():
-            yield _stat("bytes_in", len(item.image or b""))  # tar members: bytes
+        for item in read():
+            yield _stat("bytes_in", convert.item_size(item.image))
             try:
                 record, digest = convert.prepare_hashed(item, self.opts, hashes=hashes)
             except skips.BadRecord as e:
@@ -133,19 +136,14 @@ def _summary(counts: dict[str, int]) -> dict[str, Any]:
 
 
 def build(
-    p: beam.Pipeline,
-    shards: list[str],
-    paths: list[str],
-    stats_path: str,
-    opts: convert.Options,
-    reader: dict,
+    p: beam.Pipeline, readers: list[Reader], paths: list[str], stats_path: str, opts: convert.Options
 ) -> None:
-    """Adds the conversion of the tar ``shards`` into the shards ``paths`` to pipeline ``p``."""
+    """Adds the conversion of the items of ``readers`` into the shards ``paths`` to pipeline ``p``."""
     prepared = (
         p
-        | "tar paths" >> beam.Create(shards)
+        | "inputs" >> beam.Create(readers)
         | "spread" >> beam.Reshuffle()  # else a runner may fuse all reads into one worker
-        | "prepare" >> beam.ParDo(_Prepare(opts, reader)).with_outputs(STATS, main="records")
+        | "prepare" >> beam.ParDo(_Prepare(opts)).with_outputs(STATS, main="records")
     )
     counters = [prepared[STATS]]
     if opts.dedup:
@@ -180,8 +178,24 @@ def build(
     )
 
 
+def inputs(sources: list[str | Reader], **reader: Any) -> list[Reader]:
+    """The readers of ``sources``: a tar shard path becomes a `convert.TarReader` (``reader``:
+    its ``max_bytes``, ``timeout_s``); a reader (`convert.folder_readers`,
+    `convert.tfds_readers`) is kept."""
+    return [convert.TarReader(s, **reader) if isinstance(s, str) else s for s in sources]
+
+
+def _remote_paths(read: Reader) -> list[str]:
+    """The paths a Dataflow worker must reach for ``read`` (none for a TFDS range: its data_dir)."""
+    if isinstance(read, convert.TarReader):
+        return [read.path]
+    if isinstance(read, convert.FolderReader):
+        return [read.root]
+    return [read.data_dir or ""] if isinstance(read, convert.TfdsReader) else []
+
+
 def run(
-    shards: list[str],
+    sources: list[str | Reader],
     out_dir: str,
     prefix: str,
     opts: convert.Options,
@@ -189,26 +203,34 @@ def run(
     reader: dict | None = None,
     beam_args: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """Converts the tar ``shards`` into ``num_shards`` (0: as many as inputs) ArrayRecord shards
-    ``OUT_DIR/PREFIX-i-of-n.array_record``; writes and returns the summary ``PREFIX-stats.json``.
+    """Converts ``sources`` (tar shard paths, or readers: `inputs`) into ``num_shards`` (0: as
+    many as inputs) ArrayRecord shards ``OUT_DIR/PREFIX-i-of-n.array_record``; writes and
+    returns the summary ``PREFIX-stats.json``. ``reader``: `convert.TarReader`'s options.
     ``beam_args``: Beam's own flags (``--runner``, ``--direct_num_workers``, Dataflow's ...)."""
+    readers = inputs(sources, **(reader or {}))
+    if not readers:
+        raise cli.UserError("nothing to convert: the input has no shards, rows or examples")
     beam_opts = PipelineOptions(list(beam_args))
     runner = str(beam_opts.get_all_options().get("runner") or "")
+    needed = [x for r in readers for x in _remote_paths(r)]
     if "Dataflow" in runner and not all(
-        storage.is_remote(x) for x in (out_dir, *shards, opts.exclude or "gs:")
+        storage.is_remote(x) for x in (out_dir, *needed, opts.exclude or "gs:")
     ):
-        raise cli.UserError("--runner=DataflowRunner: --input, --out_dir and --exclude must be gs:// paths")
+        raise cli.UserError(
+            "--runner=DataflowRunner: the inputs (tars, --image_dir, --tfds_data_dir), --out_dir and "
+            "--exclude must be gs:// paths"
+        )
     if existing := storage.glob(os.path.join(out_dir, f"{prefix}-*.array_record")):
         raise cli.UserError(
             f"--out_dir={out_dir} already has {len(existing)} shards {prefix}-*.array_record; "
             "choose another --prefix or --out_dir (nothing is overwritten)"
         )
-    paths = records.shard_paths(os.path.join(out_dir, prefix), num_shards or len(shards))
+    paths = records.shard_paths(os.path.join(out_dir, prefix), num_shards or len(readers))
     stats_path = os.path.join(out_dir, f"{prefix}-stats.json")
     storage.makedirs(out_dir)
     start = time.perf_counter()
     with beam.Pipeline(options=beam_opts) as p:
-        build(p, shards, paths, stats_path, opts, reader or {})
+        build(p, readers, paths, stats_path, opts)
     wall = time.perf_counter() - start
     stats = storage.read_json(stats_path)
     done = stats["kept"] + sum(stats["skipped"].values())

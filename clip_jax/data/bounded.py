@@ -50,6 +50,11 @@ def resolve(root: str, name: str, allow_outside: bool = False) -> str:
     """``root/name``; raises `skips.BadRecord` ``outside_root`` when it resolves outside ``root``
     (``../``, an absolute path, a symlink out), unless ``allow_outside``."""
     path = os.path.join(root, name)
+    if storage.is_remote(root):  # an object store: no symlinks, only the name can leave root
+        parts = name.replace("\\", "/").split("/")
+        if not allow_outside and (name.startswith("/") or ".." in parts or "://" in name):
+            raise skips.BadRecord("outside_root", f"{name!r} is outside {root}")
+        return path
     if not allow_outside and not inside(path, root):
         raise skips.BadRecord("outside_root", f"{name!r} is outside {root}")
     return path
@@ -89,7 +94,11 @@ def read_bytes(path: str, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
     is at most ``max_bytes`` (``too_large`` otherwise)."""
     if not storage.is_remote(path):
         return read_file(path, max_bytes)
-    if (size := storage.size(path)) > max_bytes:
+    try:
+        size = storage.size(path)
+    except (FileNotFoundError, OSError) as e:
+        raise skips.BadRecord("missing_image", f"{path}: {e}") from None
+    if size > max_bytes:
         raise skips.BadRecord("too_large", f"{path}: {size} bytes > {max_bytes}")
     return storage.read_bytes(path)
 

@@ -187,7 +187,7 @@ def run_task(task: Task, opts: Options, overwrite: bool = False) -> dict[str, An
     seen = set() if opts.dedup else None  # within this shard: the Beam pipeline dedups globally
     try:
         for item in task.read():
-            stats["bytes_in"] += _size(item.image)
+            stats["bytes_in"] += item_size(item.image)
             try:
                 record, digest = prepare_hashed(item, opts, hashes=opts.dedup or bool(exclude))
             except skips.BadRecord as e:
@@ -219,7 +219,8 @@ def count_skip(stats: dict[str, Any], reason: str, detail: str) -> None:
         examples.append(detail)
 
 
-def _size(image: bytes | np.ndarray | None) -> int:
+def item_size(image: bytes | np.ndarray | None) -> int:
+    """The input bytes of an item's image (encoded bytes or pixels)."""
     return 0 if image is None else image.nbytes if isinstance(image, np.ndarray) else len(image)
 
 
@@ -365,7 +366,7 @@ def read_table(path: str) -> list[dict[str, Any]]:
 @dataclasses.dataclass(frozen=True)
 class FolderReader:
     """Items of ``rows`` ((key, image name, caption, label)), each image ``root/name`` read by
-    `bounded.read_file` within ``timeout_s``. A bad one is marked: ``missing_image``,
+    `bounded.read_bytes` (local or ``gs://``) within ``timeout_s``. A bad one is marked: ``missing_image``,
     ``not_regular_file``, ``too_large``, ``timeout``, or ``outside_root`` (``../``, absolute,
     a symlink out of ``root``) unless ``allow_outside_root``."""
 
@@ -383,25 +384,31 @@ class FolderReader:
             try:
                 with time_limit(self.timeout_s):  # a stalled file system counts as a timeout
                     path = bounded.resolve(self.root, name, self.allow_outside_root)
-                    item = Item(key, bounded.read_file(path, self.max_bytes), caption, label)
+                    item = Item(key, bounded.read_bytes(path, self.max_bytes), caption, label)
             except skips.BadRecord as e:
                 item = Item(key, None, caption, label, e.reason, e.detail)
             yield item
 
 
-def folder_tasks(
+def folder_tasks(table: str, image_dir: str, out_dir: str, prefix: str, *args: Any, **kw: Any) -> list[Task]:
+    """Tasks for an image folder and a caption table, one output shard per `folder_readers`
+    chunk (``args``, ``kw``: its arguments after ``image_dir``)."""
+    readers = folder_readers(table, image_dir, *args, **kw)
+    paths = records.shard_paths(os.path.join(out_dir, prefix), len(readers))
+    return [Task(out, read) for read, out in zip(readers, paths, strict=True)]
+
+
+def folder_readers(
     table: str,
     image_dir: str,
-    out_dir: str,
-    prefix: str,
     rows_per_shard: int = 10_000,
     image_column: str = "file",
     caption_column: str | Sequence[str] = "caption",
     label_column: str | None = None,
     merge_rows: bool = False,
     **reader: Any,
-) -> list[Task]:
-    """Tasks for an image folder and a caption table, ``rows_per_shard`` rows per output shard
+) -> list[FolderReader]:
+    """Readers for an image folder and a caption table, ``rows_per_shard`` rows each
     (``reader``: `FolderReader`'s ``max_bytes``, ``timeout_s``, ``allow_outside_root``).
 
     Several ``caption_column`` s (COCO-style tables): every non-blank one is kept
@@ -429,9 +436,7 @@ def folder_tasks(
         caption = caption if len(columns) > 1 or not merge_rows else [caption]
         items.append((key, name, caption, int(label) if label not in (None, "") else None))
     chunks = [tuple(items[i : i + rows_per_shard]) for i in range(0, len(items), rows_per_shard)]
-    paths = records.shard_paths(os.path.join(out_dir, prefix), len(chunks))
-    readers = [FolderReader(chunk, image_dir, **reader) for chunk in chunks]
-    return [Task(out, read) for read, out in zip(readers, paths, strict=True)]
+    return [FolderReader(chunk, image_dir, **reader) for chunk in chunks]
 
 
 # TFDS ------------------------------------------------------------------------------
@@ -473,13 +478,19 @@ class TfdsReader:
 
 
 def tfds_tasks(name: str, split: str, out_dir: str, prefix: str, data_dir=None, per_shard=10_000, **kw):
-    """Tasks over ``tfds.data_source(name, split)``, ``per_shard`` examples each (``kw``: `TfdsReader`)."""
+    """Tasks over ``tfds.data_source(name, split)``, one output shard per `tfds_readers` range."""
+    readers = tfds_readers(name, split, data_dir, per_shard, **kw)
+    paths = records.shard_paths(os.path.join(out_dir, prefix), len(readers))
+    return [Task(out, read) for read, out in zip(readers, paths, strict=True)]
+
+
+def tfds_readers(name: str, split: str, data_dir=None, per_shard=10_000, **kw) -> list[TfdsReader]:
+    """Readers of ``tfds.data_source(name, split)`` by index ranges, ``per_shard`` examples
+    each (``kw``: `TfdsReader`'s fields)."""
     import tensorflow_datasets as tfds
 
     count = len(tfds.data_source(name, split=split, data_dir=data_dir))
-    starts = list(range(0, count, per_shard))
-    paths = records.shard_paths(os.path.join(out_dir, prefix), len(starts))
     return [
-        Task(out, TfdsReader(name, split, data_dir, s, min(s + per_shard, count), **kw))
-        for s, out in zip(starts, paths, strict=True)
+        TfdsReader(name, split, data_dir, s, min(s + per_shard, count), **kw)
+        for s in range(0, count, per_shard)
     ]

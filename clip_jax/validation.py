@@ -5,6 +5,7 @@ Every error names the config field and says what to do.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import ml_collections
@@ -151,27 +152,50 @@ def check_data(data: ml_collections.ConfigDict) -> None:
     )
 
 
-# The fields a mixture source may have (config.data.sources.NAME.*).
+# The fields a mixture source may have (config.data.sources.NAME.*): ArrayRecord files, or a
+# TFDS split with the fields config.data has for format "tfds" (tfds_name, tfds_split, ...).
 SOURCE_FIELDS = ("files", "weight", "format", "caption_field")
-SOURCE_FORMATS = ("array_record",)  # random access: the position is global (data/elastic.py)
+TFDS_SOURCE_FIELDS = (
+    "tfds_name",
+    "tfds_split",
+    "tfds_data_dir",
+    "image_key",
+    "caption_key",
+    "label_key",
+    "caption_template",
+)
+SOURCE_FORMATS = ("array_record", "tfds")  # random access: the position is global (data/elastic.py)
 
 
 def _check_source(name: str, source) -> None:
-    """``config.data.sources.NAME``: known fields, files given, a positive finite weight."""
+    """``config.data.sources.NAME``: known fields, files (or a TFDS name) given, a positive finite weight."""
     field = f"config.data.sources.{name}"
     _require(
         isinstance(source, ml_collections.ConfigDict),
         f"{field} must be a dict with {list(SOURCE_FIELDS)}, not {source!r}",
     )
-    unknown = sorted(set(source.keys()) - set(SOURCE_FIELDS))
-    _require(not unknown, f"{field}: unknown field(s) {unknown}; a source has {list(SOURCE_FIELDS)}")
-    _require(bool(source.get("files")), f"{field}.files is required (glob(s) of ArrayRecord shards)")
+    fmt = source.get("format", "array_record")
+    known = ("weight", "format", *TFDS_SOURCE_FIELDS) if fmt == "tfds" else SOURCE_FIELDS
+    unknown = sorted(set(source.keys()) - set(known))
+    _require(
+        not unknown, f"{field}: unknown field(s) {unknown}; a source of format {fmt!r} has {list(known)}"
+    )
+    if fmt == "tfds":
+        _require(bool(source.get("tfds_name")), f"{field}.tfds_name is required with format 'tfds'")
+        caption_key, label_key = source.get("caption_key"), source.get("label_key", "label")
+        template = source.get("caption_template") or "a photo of a {}."
+        _require(
+            bool(caption_key) or (bool(label_key) and "{}" in template),
+            f"{field}.caption_key is required unless its label_key names a ClassLabel and its "
+            f"caption_template={template!r} has a '{{}}' for the class name",
+        )
+    else:
+        _require(bool(source.get("files")), f"{field}.files is required (glob(s) of ArrayRecord shards)")
     weight = source.get("weight", 1.0)
     _require(
         isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight < float("inf"),
         f"{field}.weight={weight!r} must be a number > 0",
     )
-    fmt = source.get("format", "array_record")
     _require(
         fmt in SOURCE_FORMATS,
         f"{field}.format={fmt!r}: a mixture source must be one of {list(SOURCE_FORMATS)} "
@@ -192,6 +216,9 @@ def data_sources(config: ml_collections.ConfigDict) -> list[mixture.Source]:
     for name in sorted(data.sources.keys()):
         source = data.sources[name]
         _check_source(name, source)
+        if source.get("format") == "tfds":
+            out.append(_tfds_source(name, source))
+            continue
         field = f"config.data.sources.{name}.files"
         try:
             files = records.expand(source.files, field)
@@ -209,6 +236,22 @@ def data_sources(config: ml_collections.ConfigDict) -> list[mixture.Source]:
             f"({total}): it would never be drawn",
         )
     return out
+
+
+def _tfds_source(name: str, source) -> mixture.Source:
+    """A TFDS mixture source: its split's records (read without TensorFlow) and files (for the
+    fingerprint); raises `ConfigError` naming the source's field when the prepared data does not fit."""
+    from clip_jax.data import tfds_source  # tensorflow_datasets only when asked for
+
+    spec = tfds_source.TfdsSpec.from_source(name, source)
+    try:
+        files = tfds_source.split_files(spec)
+    except tfds_source.TfdsError as e:
+        raise ConfigError(str(e)) from None
+    weight = float(source.get("weight", 1.0))
+    return mixture.Source(
+        name, tuple(files), weight, "tfds", records=functools.partial(tfds_source.records, spec)
+    )
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

@@ -233,3 +233,82 @@ def test_a_run_on_a_mixture_logs_examples_per_source_and_saves_its_position(tmp_
     saved = json.loads((tmp_path / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
     assert saved["kind"] == elastic.KIND and saved["global_example"] == 128
     assert saved["sources"]["left"]["examples"] == rows[-1]["data/left_examples"]
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A TFDS split in array_record format (no TensorFlow): 200 records keyed 1000..1199."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class ClipJaxMixTiny(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {"image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for k in range(1000, 1200):
+                yield str(k), {"image": key_image(k), "caption": f"photo {k % 7}"}
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    ClipJaxMixTiny(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+def tfds_mix_config(mix, data_dir, **tfds_fields):
+    config = config_defaults.base_config()
+    config.data.sources = {
+        "laion": {"files": ",".join(mix[0].files), "weight": 0.8},
+        "tfds": {"format": "tfds", "tfds_name": "clip_jax_mix_tiny", "tfds_data_dir": data_dir, "weight": 0.2}
+        | {"caption_key": "caption", **tfds_fields},
+    }
+    return config
+
+
+def test_a_tfds_source_mixes_by_weight_and_resumes_exactly(mix, tfds_dir, tok):
+    sources = validation.data_sources(tfds_mix_config(mix, tfds_dir))
+    assert [(s.name, s.format) for s in sources] == [("laion", "array_record"), ("tfds", "tfds")]
+    assert all(f.endswith(".array_record") or ".array_record-" in f for f in sources[1].files)
+    whole = iterator(sources, tok, 64)
+    expected = [next(whole) for _ in range(50)]
+    keys = [k for b in expected for k in keys_of(b)]
+    from_tfds = [k for k in keys if k >= 1000]
+    assert abs(len(from_tfds) / len(keys) - 0.2) <= 0.03
+    assert sorted(from_tfds[:200]) == list(range(1000, 1200))  # its epoch: every record once
+    assert elastic.source_metrics(whole) == {
+        "data/laion_examples": len(keys) - len(from_tfds),
+        "data/tfds_examples": len(from_tfds),
+    }
+    first = iterator(sources, tok, 64)
+    for _ in range(25):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))  # as the checkpoint stores it
+    first.close()
+    resumed = iterator(validation.data_sources(tfds_mix_config(mix, tfds_dir)), tok, 64)
+    resumed.set_state(state)
+    for want in expected[25:]:
+        got = next(resumed)
+        assert all(np.array_equal(got[k], want[k]) for k in want), "a resumed batch differs"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"tfds_split": "nope"}, "config.data.sources.tfds.tfds_name='clip_jax_mix_tiny' split 'nope'"),
+        ({"image_key": "photo"}, "config.data.sources.tfds.image_key='photo' is not a feature"),
+        ({"caption_key": None}, "config.data.sources.tfds.label_key='label' is not a ClassLabel feature"),
+        ({"caption_key": None, "label_key": None}, "config.data.sources.tfds.caption_key is required unless"),
+        ({"files": "x"}, "config.data.sources.tfds: unknown field(s) ['files']"),
+    ],
+)
+def test_a_bad_tfds_source_is_one_line_naming_its_field(mix, tfds_dir, fields, message):
+    config = tfds_mix_config(mix, tfds_dir, **fields)
+    config.data.tokenizer = "tok.model"
+    with pytest.raises(validation.ConfigError) as error:
+        validation.check_data(config.data)
+        validation.data_sources(config)
+    assert message in str(error.value) and "\n" not in str(error.value)

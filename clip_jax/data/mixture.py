@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
@@ -35,13 +35,19 @@ BLOCK = 4096
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """One training source: its files, reader, weight and caption field."""
+    """One training source: its files, reader, weight and caption field.
+
+    ``records``: for a source that is no list of ArrayRecord files, a function returning its
+    records as a random-access MapDataset (format "tfds": `tfds_source.records` of its split;
+    ``files`` then only name the split's files in the checkpoint's fingerprint).
+    """
 
     name: str
     files: tuple[str, ...]
     weight: float = 1.0
     format: str = "array_record"
     caption_field: str | None = None  # None: "captions" or "caption"
+    records: Callable[[], grain.MapDataset] | None = None
 
 
 def allocate(weights: Sequence[float], total: int = BLOCK) -> tuple[int, ...]:

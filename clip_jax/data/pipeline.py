@@ -166,7 +166,7 @@ def process_share(files: Sequence[str] | grain.MapDataset) -> grain.MapDataset:
 def source_stream(source: mixture.Source, decode: DecodeExample, seed: int) -> tuple[grain.MapDataset, int]:
     """(the endless decoded stream of one source, its record count): shuffled by ``seed``,
     reshuffled every epoch; element ``g`` is example ``g % n`` of epoch ``g // n``."""
-    records_ = open_records(source.files)
+    records_ = source.records() if source.records is not None else open_records(source.files)
     if len(records_) == 0:
         raise ValueError(f"data source {source.name!r} has no records")
     decode = dataclasses.replace(decode, caption_field=source.caption_field)

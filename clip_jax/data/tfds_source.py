@@ -29,6 +29,18 @@ class TfdsError(ValueError):
     """The dataset, split or feature keys named in ``config.data`` do not fit the prepared data."""
 
 
+# The fields of a TFDS mixture source (config.data.sources.NAME.*) besides weight and format.
+SOURCE_FIELDS = (
+    "tfds_name",
+    "tfds_split",
+    "tfds_data_dir",
+    "image_key",
+    "caption_key",
+    "label_key",
+    "caption_template",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class TfdsSpec:
     """Which TFDS split to read and how its features map to image, caption and label."""
@@ -40,6 +52,21 @@ class TfdsSpec:
     caption_key: str | None = None  # None: caption_template + the class name of label_key
     label_key: str | None = "label"
     caption_template: str = "a photo of a {}."
+    where: str = dataclasses.field(default="config.data", compare=False)  # errors name its fields
+
+    @classmethod
+    def from_source(cls, name: str, source) -> TfdsSpec:
+        """From a mixture source ``config.data.sources.NAME`` (format "tfds"): the same fields as
+        ``config.data``'s (``tfds_name``, ``tfds_split``, ``tfds_data_dir``, ``image_key``,
+        ``caption_key``, ``label_key``, ``caption_template``), the same defaults."""
+        kw = {f: source.get(f) for f in SOURCE_FIELDS if source.get(f) is not None}
+        return cls(
+            name=kw.pop("tfds_name"),
+            split=kw.pop("tfds_split", "train"),
+            data_dir=kw.pop("tfds_data_dir", None),
+            where=f"config.data.sources.{name}",
+            **kw,
+        )
 
     @classmethod
     def from_config(cls, data, split: str | None = None) -> TfdsSpec:
@@ -73,20 +100,20 @@ def open_source(spec: TfdsSpec):
     except Exception as e:  # DatasetNotFoundError, unknown split, not prepared, wrong format
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TfdsError(
-            f"config.data.tfds_name={spec.name!r} split {spec.split!r} (data_dir {spec.data_dir!r}): "
+            f"{spec.where}.tfds_name={spec.name!r} split {spec.split!r} (data_dir {spec.data_dir!r}): "
             f"{first_line}. Prepare it with download_and_prepare(file_format='array_record')."
         ) from None
     features = source.dataset_info.features
     for field, key in (("image_key", spec.image_key), ("caption_key", spec.caption_key)):
         if key is not None and key not in features:
-            raise TfdsError(f"config.data.{field}={key!r} is not a feature of {spec.name}: {list(features)}")
+            raise TfdsError(f"{spec.where}.{field}={key!r} is not a feature of {spec.name}: {list(features)}")
     if not isinstance(features[spec.image_key], tfds.features.Image):
-        raise TfdsError(f"config.data.image_key={spec.image_key!r} is not an Image feature")
+        raise TfdsError(f"{spec.where}.image_key={spec.image_key!r} is not an Image feature")
     label = _feature(features, spec.label_key)
     if spec.caption_key is None and not isinstance(label, tfds.features.ClassLabel):
         raise TfdsError(
-            f"config.data.label_key={spec.label_key!r} is not a ClassLabel feature of {spec.name} "
-            "(needed for captions when config.data.caption_key is None)"
+            f"{spec.where}.label_key={spec.label_key!r} is not a ClassLabel feature of {spec.name} "
+            f"(needed for captions when {spec.where}.caption_key is None)"
         )
     return source
 

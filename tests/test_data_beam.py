@@ -160,3 +160,20 @@ def test_beam_and_the_local_converter_agree_on_a_tfds_split(tfds_dir, tmp_path):
     for key, rec in recs.items():
         assert rec["caption"] == local[key]["caption"]
         assert (shared.pixels(rec["image"]) == shared.pixels(local[key]["image"])).all(), key
+
+
+def test_beam_drops_an_altered_copy_across_inputs_at_near_dup_bits(tmp_path):
+    """Banded candidate lookup on Beam: the altered copy (another tar) goes at 2 bits, not at 0."""
+    first, second = tmp_path / "a.tar", tmp_path / "b.tar"
+    shared.write_tar(first, [("a", shared.encode(shared.picture(3)), "the picture")])
+    shared.write_tar(
+        second, [("b", shared.altered(3), "altered"), ("c", shared.encode(shared.picture(4)), "x y")]
+    )
+    got = {}
+    for bits in (0, 2):
+        opts = convert.Options(size=64, dedup=True, near_dup_bits=bits)
+        stats = beam_convert.run(
+            [str(first), str(second)], str(tmp_path / f"o{bits}"), "t", opts, beam_args=WORKERS
+        )
+        got[bits] = (sorted(shared.read_shards(tmp_path / f"o{bits}", "t")), stats["skipped"])
+    assert got == {0: (["a", "b", "c"], {}), 2: (["a", "c"], {"duplicate_near": 1})}

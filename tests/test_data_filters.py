@@ -130,7 +130,7 @@ def test_hashes_catch_byte_and_reencoded_copies_but_not_other_pictures():
     hb = dedup.image_hashes(encode(again), again)
     assert ha["sha256"] != hb["sha256"] and ha["dhash"] == hb["dhash"]
     assert dedup.image_hashes(encode(b), b)["dhash"] != ha["dhash"]
-    seen = set()
+    seen = dedup.Seen()
     assert dedup.drop_reason(ha, frozenset(), seen) is None
     assert dedup.drop_reason(ha, frozenset(), seen) == "duplicate_exact"
     assert dedup.drop_reason(hb, frozenset(), seen) == "duplicate_near"
@@ -168,3 +168,65 @@ def test_eval_hashes_cli_refuses_to_overwrite_its_output(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "exists" in result.stderr.strip().splitlines()[-1]
     assert out.read_text() == "keep me\n"
+
+
+def altered(seed):
+    """``picture(seed)`` with its top-right block recoloured to the other side of its left
+    neighbour (one dhash bit), enlarged 1.5x (bicubic) and re-encoded as JPEG."""
+    rgb = np.asarray(picture(seed)).copy()
+    left, right = int(rgb[0, 28, 0]), int(rgb[0, 32, 0])
+    level = 8 if right > left else 248
+    rgb[0:4, 32:36] = [level, 255 - level, level // 2 + 60]
+    return encode(Image.fromarray(rgb).resize((54, 48), Image.BICUBIC), "JPEG", quality=85)
+
+
+def test_a_slightly_altered_copy_is_caught_within_the_bit_threshold_only():
+    original, copy = picture(3), Image.open(io.BytesIO(altered(3)))
+    ha, hb = dedup.image_hashes(encode(original), original), dedup.image_hashes(altered(3), copy)
+    assert 1 <= dedup.hamming(ha["dhash"], hb["dhash"]) <= 2  # the premise: a bit or two flipped
+    other = dedup.image_hashes(encode(picture(4)), picture(4))
+    for bits, reason in ((0, None), (2, "duplicate_near"), (3, "duplicate_near")):
+        seen = dedup.Seen(bits)
+        assert dedup.drop_reason(ha, frozenset(), seen) is None
+        assert dedup.drop_reason(other, frozenset(), seen) is None  # another picture: kept at any bits
+        assert dedup.drop_reason(hb, frozenset(), seen) == reason, bits
+    with pytest.raises(ValueError, match="near_dup_bits=4"):
+        dedup.Seen(4)
+
+
+def test_band_lookup_finds_every_hash_within_the_threshold_and_none_beyond():
+    """Against a brute-force Hamming distance over random 64-bit hashes."""
+    rng = np.random.default_rng(0)
+    kept = [f"{int(v):016x}" for v in rng.integers(0, 2**63, 300, dtype=np.int64)]
+    seen = dedup.Seen(3)
+    seen.add([f"dhash:{h}" for h in kept])
+    for i in range(300):
+        base = int(kept[i], 16)
+        for flips in (1, 2, 3, 4, 6):
+            bits = rng.choice(64, flips, replace=False)
+            probe = f"{base ^ sum(1 << int(b) for b in bits):016x}"
+            brute = min(dedup.hamming(probe, h) for h in kept) <= 3
+            assert seen.near(probe) == brute, (probe, flips)
+
+
+def test_local_converter_drops_an_altered_copy_at_near_dup_bits(tmp_path):
+    path = tmp_path / "in.tar"
+    write_tar(path, [("a", encode(picture(3)), "the picture"), ("b", altered(3), "altered copy")])
+    out = {}
+    for bits in (0, 2):
+        opts = convert.Options(size=64, dedup=True, near_dup_bits=bits)
+        tasks = convert.webdataset_tasks([str(path)], str(tmp_path / f"out{bits}"), "t")
+        out[bits] = convert.run(tasks, opts, 1, str(tmp_path / f"out{bits}" / "s.json"))["skipped"]
+    assert out == {0: {}, 2: {"duplicate_near": 1}}
+
+
+def test_near_dup_bits_needs_dedup_and_at_most_three_bits(tmp_path):
+    (tmp_path / "c.csv").write_text("file,caption\na.png,a picture\n")
+    for flags_, message in (
+        (["--near_dup_bits=2"], "--near_dup_bits=2 needs --dedup"),
+        (["--dedup", "--near_dup_bits=5"], "--near_dup_bits=5: must be 0"),
+    ):
+        cmd = [sys.executable, "data_pipelines/folder_to_array_record.py", f"--table={tmp_path / 'c.csv'}"]
+        cmd += [f"--image_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", *flags_]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr

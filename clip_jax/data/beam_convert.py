@@ -11,7 +11,10 @@ The inputs are the local converter's own readers (`convert.TarReader` per tar sh
 of a TFDS split: `inputs`), and each record is made by its own per-sample function,
 so both write the same records. Duplicates are dropped globally, across all inputs
 (group-bys on the hashes, not per shard); of each group the copy with the
-smallest key survives. A flat image (dhash 0: every solid colour shares it) is
+smallest key survives. With ``near_dup_bits`` > 0 the dhashes are grouped by band
+(`dedup.band_keys`) and a record is dropped when another within that many bits has a
+smaller key (a chain a~b~c then loses b and c, where the local converter, first seen
+first kept, keeps c). A flat image (dhash 0: every solid colour shares it) is
 deduplicated by its bytes only. Within a shard records are in no set order.
 
 Every shard is written under a private temporary name (local) or uploaded in one
@@ -33,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -84,6 +88,54 @@ def _survivor(group: tuple[str, Iterable[tuple]], reason: str) -> Iterator[Any]:
     if n > 1:
         yield _stat(f"skipped/{reason}", n - 1)
     yield best
+
+
+def _band_entries(copy: tuple[str, str, bytes]) -> Iterator[tuple[str, tuple[str, str]]]:
+    """(band key, (key, dhash hex)) per non-zero band of a record's dhash (`dedup.band_keys`)."""
+    key, near, _ = copy
+    if near != dedup.FLAT:
+        for band in dedup.band_keys(near):
+            yield band, (key, near)
+
+
+def _near_losers(group: tuple[str, Iterable[tuple[str, str]]], bits: int) -> Iterator[tuple[str, bool]]:
+    """(key, True) for each record of one band group with another within ``bits`` of it that has
+    a smaller key. The group is held as arrays: about 4 N / 65536 records of N spread hashes."""
+    _, entries = group
+    keys, hashes = zip(*sorted(entries), strict=True)
+    values = np.asarray([int(h, 16) for h in hashes], np.uint64)  # hex on the wire: Beam's ints are signed
+    for i in range(1, len(keys)):
+        if (np.bitwise_count(values[:i] ^ values[i]) <= bits).any():
+            yield keys[i], True
+
+
+def _unless_near(joined: tuple[str, dict[str, list]]) -> Iterator[Any]:
+    """(key, record bytes) of a record no `_near_losers` named; the others counted."""
+    key, parts = joined
+    for data in parts["record"]:
+        if parts["near"]:
+            yield _stat("skipped/duplicate_near")
+        else:
+            yield key, data
+
+
+def _near_copies(kept: beam.PCollection, bits: int) -> tuple[beam.PCollection, beam.PCollection]:
+    """(key, record bytes) of ``kept`` (key, dhash, bytes) less the records with another within
+    ``bits`` bits that has a smaller key, and the counters. Only keys and hashes are grouped by
+    band; the record bytes meet the verdict in one join by key."""
+    losers = (
+        kept
+        | "band keys" >> beam.FlatMap(_band_entries)
+        | "by band" >> beam.GroupByKey()
+        | "near pairs" >> beam.FlatMap(_near_losers, bits)
+    )
+    records_ = kept | "key the records" >> beam.Map(lambda c: (c[0], c[2]))
+    out = (
+        {"record": records_, "near": losers}
+        | "join by key" >> beam.CoGroupByKey()
+        | "near copies" >> beam.FlatMap(_unless_near).with_outputs(STATS, main="kept")
+    )
+    return out.kept, out[STATS]
 
 
 def _by_dhash(copy: tuple[str, str, bytes]) -> tuple[str, tuple[str, bytes]]:
@@ -152,14 +204,17 @@ def build(
             | "by sha256" >> beam.GroupByKey()
             | "exact copies" >> beam.FlatMap(_survivor, "duplicate_exact").with_outputs(STATS, main="kept")
         )
-        near = (
-            exact.kept
-            | "key by dhash" >> beam.Map(_by_dhash)
-            | "by dhash" >> beam.GroupByKey()
-            | "near copies" >> beam.FlatMap(_survivor, "duplicate_near").with_outputs(STATS, main="kept")
-        )
-        counters += [exact[STATS], near[STATS]]
-        kept = near.kept
+        if opts.near_dup_bits:
+            kept, near_counts = _near_copies(exact.kept, opts.near_dup_bits)
+        else:
+            near = (
+                exact.kept
+                | "key by dhash" >> beam.Map(_by_dhash)
+                | "by dhash" >> beam.GroupByKey()
+                | "near copies" >> beam.FlatMap(_survivor, "duplicate_near").with_outputs(STATS, main="kept")
+            )
+            kept, near_counts = near.kept, near[STATS]
+        counters += [exact[STATS], near_counts]
     else:
         kept = prepared.records | "drop hashes" >> beam.Map(lambda kv: (kv[1][0], kv[1][2]))
     indices = p | "shard indices" >> beam.Create([(i, None) for i in range(len(paths))])  # empty ones too

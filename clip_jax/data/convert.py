@@ -63,6 +63,7 @@ class Options:
     timeout_s: float = 10.0  # per image: decode + resize + encode
     filters: filters.Filters = filters.Filters()
     dedup: bool = False  # drop exact (sha256) and re-encoded (dhash) copies (see clip_jax.data.dedup)
+    near_dup_bits: int = 0  # dhashes this many bits apart are copies too (0: equal ones; at most 3)
     exclude: str | None = None  # a file of hashes (data_pipelines/eval_hashes.py): matches dropped
 
 
@@ -184,7 +185,7 @@ def run_task(task: Task, opts: Options, overwrite: bool = False) -> dict[str, An
     tmp = f"{task.out_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     writer = ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
     exclude = _load_exclude(opts.exclude) if opts.exclude else frozenset()
-    seen = set() if opts.dedup else None  # within this shard: the Beam pipeline dedups globally
+    seen = dedup.Seen(opts.near_dup_bits) if opts.dedup else None  # this shard's; Beam's: global
     try:
         for item in task.read():
             stats["bytes_in"] += item_size(item.image)

@@ -7,12 +7,25 @@ Two hashes per image, so both kinds of copy are caught:
   to 9x8, one bit per horizontally adjacent pair): the same picture re-encoded
   (another format, JPEG quality, or resolution) gets the same hash.
 
-Near duplicates are matched by EXACT ``dhash`` equality, not by a Hamming distance:
-equality is a key a distributed group-by (Beam) can shuffle on, and a lookup in
-a set; it misses copies edited enough to flip a bit (crops, overlays, strong
-recompression). A flat image (dhash 0, shared by every solid colour) is matched by
-its bytes only. Hashes are written as ``sha256:HEX`` and ``dhash:HEX`` lines
-(`format_hashes`), the format of ``--exclude`` files (data_pipelines/eval_hashes.py).
+Near duplicates are matched by ``dhash`` within a Hamming distance of ``near_bits``
+(``--near_dup_bits``, 0 to `MAX_NEAR_BITS`):
+
+* 0 (the default): EXACT ``dhash`` equality, a key a distributed group-by (Beam) can
+  shuffle on and a lookup in a set; it misses copies edited enough to flip a bit
+  (crops, overlays, strong recompression, a small edit).
+* 1 to 3: the 64-bit hash is cut into `BANDS` = 4 bands of 16 bits; two hashes at most
+  3 bits apart agree on at least one whole band (pigeonhole), so the band values are
+  exact keys for candidate lookup (`band_keys`: a dict here, a group-by on Beam) and only
+  the candidates sharing a band are compared bit by bit (`hamming`). Cost: each image
+  is compared with the images sharing one of its bands, about 4 N / 65536 of N spread
+  hashes (a few thousand at 400M images: numpy popcounts, not pairs of all N). A band
+  of value 0 (a flat quarter of the picture) is no key: images alike only there are
+  not matched (such bands would gather a large share of a web crawl).
+
+A flat image (dhash 0, shared by every solid colour) is matched by its bytes only.
+Hashes are written as ``sha256:HEX`` and ``dhash:HEX`` lines (`format_hashes`), the
+format of ``--exclude`` files (data_pipelines/eval_hashes.py); ``--exclude`` matches
+them exactly.
 """
 
 from __future__ import annotations
@@ -73,10 +86,66 @@ def excluded(hashes: dict[str, str], exclude: frozenset[str]) -> bool:
     return any(h in exclude for h in format_hashes(hashes))
 
 
-def drop_reason(hashes: dict[str, str] | None, exclude: frozenset[str], seen: set[str] | None) -> str | None:
+BANDS = 4  # 16-bit bands of the 64-bit dhash: the candidate keys of a near-duplicate lookup
+MAX_NEAR_BITS = BANDS - 1  # the largest distance the banding finds every pair within
+
+
+def hamming(a: str, b: str) -> int:
+    """The number of bits two hex dhashes differ in."""
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def band_keys(dhash_hex: str) -> list[str]:
+    """``"i:HHHH"`` for each non-zero 16-bit band ``i`` of a dhash (see the module docstring)."""
+    value = int(dhash_hex, 16)
+    bands = [(value >> (16 * (BANDS - 1 - i))) & 0xFFFF for i in range(BANDS)]
+    return [f"{i}:{band:04x}" for i, band in enumerate(bands) if band]
+
+
+def check_near_bits(near_bits: int) -> None:
+    """Raises ValueError for a distance the banding cannot find every pair within."""
+    if not 0 <= near_bits <= MAX_NEAR_BITS:
+        raise ValueError(f"near_dup_bits={near_bits}: must be 0 (exact dhash) to {MAX_NEAR_BITS}")
+
+
+class Seen:
+    """The hashes a converter kept so far: exact ``kind:hex`` lines, and with ``near_bits`` > 0
+    the dhashes by band (`band_keys`) for near-duplicate lookup."""
+
+    def __init__(self, near_bits: int = 0):
+        check_near_bits(near_bits)
+        self.near_bits = near_bits
+        self.lines: set[str] = set()
+        self.by_band: dict[str, list[int]] = {}
+
+    def exact(self, line: str) -> bool:
+        return line in self.lines
+
+    def near(self, dhash_hex: str) -> bool:
+        """Whether a kept dhash is within ``near_bits`` of ``dhash_hex`` (equal when 0)."""
+        if not self.near_bits:
+            return f"dhash:{dhash_hex}" in self.lines
+        value = int(dhash_hex, 16)
+        return any(
+            (value ^ other).bit_count() <= self.near_bits
+            for key in band_keys(dhash_hex)
+            for other in self.by_band.get(key, ())
+        )
+
+    def add(self, lines: list[str]) -> None:
+        self.lines.update(lines)
+        for line in lines:
+            if line.startswith("dhash:") and self.near_bits:
+                value = line.removeprefix("dhash:")
+                for key in band_keys(value):
+                    self.by_band.setdefault(key, []).append(int(value, 16))
+
+
+def drop_reason(hashes: dict[str, str] | None, exclude: frozenset[str], seen: Seen | None) -> str | None:
     """Why a record with ``hashes`` is dropped, or None: ``eval_excluded`` (in ``exclude``),
-    ``duplicate_exact`` (its sha256 in ``seen``), ``duplicate_near`` (its dhash in ``seen``).
-    Adds its hashes to ``seen`` (None: no dedup); the first copy seen survives."""
+    ``duplicate_exact`` (its sha256 in ``seen``), ``duplicate_near`` (its dhash, or one within
+    ``seen.near_bits``, in ``seen``). Adds its hashes to ``seen`` (None: no dedup); the first
+    copy seen survives."""
     if hashes is None:
         return None
     if exclude and excluded(hashes, exclude):
@@ -84,10 +153,10 @@ def drop_reason(hashes: dict[str, str] | None, exclude: frozenset[str], seen: se
     if seen is None:
         return None
     exact, *near = format_hashes(hashes)
-    if exact in seen:
+    if seen.exact(exact):
         return "duplicate_exact"
-    seen.add(exact)
-    if near and near[0] in seen:
+    seen.add([exact])
+    if near and seen.near(hashes["dhash"]):
         return "duplicate_near"
-    seen.update(near)
+    seen.add(near)
     return None

@@ -1,6 +1,9 @@
 """The Beam pipeline (DirectRunner, 2 worker processes) against the local converter on the same
 40 tar shards: the same records, duplicates dropped across shards, filters and --exclude counted."""
 
+import subprocess
+import sys
+
 import pytest
 
 beam = pytest.importorskip("apache_beam")  # the optional `beam` extra
@@ -177,3 +180,19 @@ def test_beam_drops_an_altered_copy_across_inputs_at_near_dup_bits(tmp_path):
         )
         got[bits] = (sorted(shared.read_shards(tmp_path / f"o{bits}", "t")), stats["skipped"])
     assert got == {0: (["a", "b", "c"], {}), 2: (["a", "c"], {"duplicate_near": 1})}
+
+
+def test_the_command_takes_one_input_of_three(tmp_path):
+    table, images = make_folder(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "data_pipelines/beam_to_array_record.py", f"--table={table}", f"--out_dir={out}"]
+    both = subprocess.run([*cmd, "--tfds_name=x"], capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2
+    assert "give exactly one of --input, --table, --tfds_name" in both.stderr.strip().splitlines()[-1]
+    ran = subprocess.run(
+        [*cmd, f"--image_dir={images}", "--rows_per_shard=10"], capture_output=True, text=True, timeout=300
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    # No filters, no dedup: all but the missing, the outside and the empty-caption rows.
+    assert "kept 27;" in ran.stdout and "3 shards" in ran.stdout, ran.stdout
+    assert len(shared.read_shards(out, "train")) == 27

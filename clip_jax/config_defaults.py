@@ -64,7 +64,8 @@ def base_config() -> ConfigDict:
         {
             "train_files": config_dict.placeholder(str),  # glob(s) of ArrayRecord shards
             # A weighted mixture instead of train_files: {name: {"files": glob(s), "weight": w,
-            # "format": "array_record", "caption_field": None}} (clip_jax/data/mixture.py).
+            # "format": "array_record", "caption_field": None}} (clip_jax/data/mixture.py), or a
+            # TFDS split: {"format": "tfds", "tfds_name": ..., "weight": w} + config.data's tfds fields.
             "sources": ConfigDict(),
             # The record field with the caption(s) (None: "captions", a list, or "caption").
             "caption_field": config_dict.placeholder(str),

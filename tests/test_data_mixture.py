@@ -312,3 +312,26 @@ def test_a_bad_tfds_source_is_one_line_naming_its_field(mix, tfds_dir, fields, m
         validation.check_data(config.data)
         validation.data_sources(config)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow  # a 4-step demo run (~30 s on 2 busy cores)
+def test_a_run_on_a_mixture_with_a_tfds_source_logs_it_and_saves_its_position(
+    tmp_path, scenes_dataset, tfds_dir
+):
+    config = load_config("demo")
+    del config.data["scenes"]
+    config.data.tokenizer = scenes_dataset.tokenizer
+    config.data.sources = {
+        "scenes": {"files": ",".join(scenes_dataset.train_files), "weight": 3.0},
+        "tiny": {"format": "tfds", "tfds_name": "clip_jax_mix_tiny", "tfds_data_dir": tfds_dir}
+        | {"caption_key": "caption", "weight": 1.0},
+    }
+    config.train.update(batch_size=32, total_steps=4, log_every=2)
+    train.run(config, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4
+    assert rows[-1]["data/scenes_examples"] + rows[-1]["data/tiny_examples"] == 128
+    assert abs(rows[-1]["data/tiny_examples"] / 128 - 0.25) <= 0.1
+    saved = json.loads((tmp_path / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
+    assert saved["global_example"] == 128
+    assert saved["sources"]["tiny"]["examples"] == rows[-1]["data/tiny_examples"]

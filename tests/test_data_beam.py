@@ -11,7 +11,7 @@ beam = pytest.importorskip("apache_beam")  # the optional `beam` extra
 import test_data_filters as shared  # noqa: E402
 
 from clip_jax import cli  # noqa: E402
-from clip_jax.data import beam_convert, convert  # noqa: E402
+from clip_jax.data import beam_convert, convert, pipeline, records  # noqa: E402
 
 shards = shared.shards  # the fixture: the same 40 tar shards as the local converter's tests
 
@@ -166,20 +166,22 @@ def test_beam_and_the_local_converter_agree_on_a_tfds_split(tfds_dir, tmp_path):
 
 
 def test_beam_drops_an_altered_copy_across_inputs_at_near_dup_bits(tmp_path):
-    """Banded candidate lookup on Beam: the altered copy (another tar) goes at 2 bits, not at 0."""
-    first, second = tmp_path / "a.tar", tmp_path / "b.tar"
-    shared.write_tar(first, [("a", shared.encode(shared.picture(3)), "the picture")])
+    """Banded candidate lookup on Beam: the altered copies (other tars) go at 2 bits, not at 0;
+    two records that share a key ("c", from two tars) are judged apart."""
+    tars = [tmp_path / f"{n}.tar" for n in "xyz"]
+    shared.write_tar(tars[0], [("a", shared.encode(shared.picture(3)), "the picture")])
     shared.write_tar(
-        second, [("b", shared.altered(3), "altered"), ("c", shared.encode(shared.picture(4)), "x y")]
+        tars[1], [("b", shared.altered(3), "altered"), ("c", shared.encode(shared.picture(4)), "x y")]
     )
+    shared.write_tar(tars[2], [("c", shared.altered(4), "altered, same key")])
     got = {}
     for bits in (0, 2):
         opts = convert.Options(size=64, dedup=True, near_dup_bits=bits)
-        stats = beam_convert.run(
-            [str(first), str(second)], str(tmp_path / f"o{bits}"), "t", opts, beam_args=WORKERS
-        )
-        got[bits] = (sorted(shared.read_shards(tmp_path / f"o{bits}", "t")), stats["skipped"])
-    assert got == {0: (["a", "b", "c"], {}), 2: (["a", "c"], {"duplicate_near": 1})}
+        out = tmp_path / f"o{bits}"
+        stats = beam_convert.run([str(t) for t in tars], str(out), "t", opts, beam_args=WORKERS)
+        recs = pipeline.read_all(records.expand(f"{out}/t-*.array_record", "x"))
+        got[bits] = (sorted(r["key"] for r in recs), stats["skipped"])
+    assert got == {0: (["a", "b", "c", "c"], {}), 2: (["a", "c"], {"duplicate_near": 2})}
 
 
 def test_the_command_takes_one_input_of_three(tmp_path):

@@ -27,6 +27,7 @@ DoFns in threads, so here it does not apply.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tempfile
 import time
@@ -90,29 +91,36 @@ def _survivor(group: tuple[str, Iterable[tuple]], reason: str) -> Iterator[Any]:
     yield best
 
 
-def _band_entries(copy: tuple[str, str, bytes]) -> Iterator[tuple[str, tuple[str, str]]]:
-    """(band key, (key, dhash hex)) per non-zero band of a record's dhash (`dedup.band_keys`)."""
-    key, near, _ = copy
+def _with_id(copy: tuple[str, str, bytes]) -> tuple[str, tuple[str, str, bytes]]:
+    """(record id, copy): the key and a hash of the record, so records of two inputs that share
+    a key stay apart in the join."""
+    key, _, data = copy
+    return f"{key}\0{hashlib.blake2b(data, digest_size=8).hexdigest()}", copy
+
+
+def _band_entries(item: tuple[str, tuple[str, str, bytes]]) -> Iterator[tuple[str, tuple[str, str]]]:
+    """(band key, (record id, dhash hex)) per non-zero band of a record's dhash (`dedup.band_keys`)."""
+    uid, (_, near, _) = item
     if near != dedup.FLAT:
         for band in dedup.band_keys(near):
-            yield band, (key, near)
+            yield band, (uid, near)
 
 
 def _near_losers(group: tuple[str, Iterable[tuple[str, str]]], bits: int) -> Iterator[tuple[str, bool]]:
-    """(key, True) for each record of one band group with another within ``bits`` of it that has
-    a smaller key. The group is held as arrays: about 4 N / 65536 records of N spread hashes."""
+    """(record id, True) for each record of one band group with another within ``bits`` of it that
+    has a smaller id (key first). The group is held as arrays: about 4 N / 65536 of N spread hashes."""
     _, entries = group
-    keys, hashes = zip(*sorted(entries), strict=True)
+    ids, hashes = zip(*sorted(entries), strict=True)
     values = np.asarray([int(h, 16) for h in hashes], np.uint64)  # hex on the wire: Beam's ints are signed
-    for i in range(1, len(keys)):
+    for i in range(1, len(ids)):
         if (np.bitwise_count(values[:i] ^ values[i]) <= bits).any():
-            yield keys[i], True
+            yield ids[i], True
 
 
 def _unless_near(joined: tuple[str, dict[str, list]]) -> Iterator[Any]:
     """(key, record bytes) of a record no `_near_losers` named; the others counted."""
-    key, parts = joined
-    for data in parts["record"]:
+    _, parts = joined
+    for key, _, data in parts["record"]:
         if parts["near"]:
             yield _stat("skipped/duplicate_near")
         else:
@@ -122,17 +130,17 @@ def _unless_near(joined: tuple[str, dict[str, list]]) -> Iterator[Any]:
 def _near_copies(kept: beam.PCollection, bits: int) -> tuple[beam.PCollection, beam.PCollection]:
     """(key, record bytes) of ``kept`` (key, dhash, bytes) less the records with another within
     ``bits`` bits that has a smaller key, and the counters. Only keys and hashes are grouped by
-    band; the record bytes meet the verdict in one join by key."""
+    band; the record bytes meet the verdict in one join by record id."""
+    with_id = kept | "record ids" >> beam.Map(_with_id)
     losers = (
-        kept
+        with_id
         | "band keys" >> beam.FlatMap(_band_entries)
         | "by band" >> beam.GroupByKey()
         | "near pairs" >> beam.FlatMap(_near_losers, bits)
     )
-    records_ = kept | "key the records" >> beam.Map(lambda c: (c[0], c[2]))
     out = (
-        {"record": records_, "near": losers}
-        | "join by key" >> beam.CoGroupByKey()
+        {"record": with_id, "near": losers}
+        | "join by id" >> beam.CoGroupByKey()
         | "near copies" >> beam.FlatMap(_unless_near).with_outputs(STATS, main="kept")
     )
     return out.kept, out[STATS]
@@ -241,7 +249,7 @@ def inputs(sources: list[str | Reader], **reader: Any) -> list[Reader]:
 
 
 def _remote_paths(read: Reader) -> list[str]:
-    """The paths a Dataflow worker must reach for ``read`` (none for a TFDS range: its data_dir)."""
+    """The paths a Dataflow worker must reach for ``read`` (a tar, an image folder, a TFDS data_dir)."""
     if isinstance(read, convert.TarReader):
         return [read.path]
     if isinstance(read, convert.FolderReader):

@@ -10,7 +10,9 @@ The image stays encoded so the pipeline's decoder (EXIF, CMYK, 16-bit, bomb
 checks) decodes it; a record that does not parse becomes a bad record
 (skipped, replaced and counted) like a corrupt ArrayRecord one. The caption is
 ``caption_key``'s text, or ``caption_template`` filled with the name of the
-``label_key`` class (ClassLabel), as for ImageNet-style datasets.
+``label_key`` class (ClassLabel), as for ImageNet-style datasets. A split is read
+as ``config.data.format='tfds'`` or as one weighted source of a mixture
+(``config.data.sources.NAME.format='tfds'``: `TfdsSpec.from_source`).
 """
 
 from __future__ import annotations
@@ -27,18 +29,6 @@ from clip_jax.data.tokenizer import Tokenizer
 
 class TfdsError(ValueError):
     """The dataset, split or feature keys named in ``config.data`` do not fit the prepared data."""
-
-
-# The fields of a TFDS mixture source (config.data.sources.NAME.*) besides weight and format.
-SOURCE_FIELDS = (
-    "tfds_name",
-    "tfds_split",
-    "tfds_data_dir",
-    "image_key",
-    "caption_key",
-    "label_key",
-    "caption_template",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +49,15 @@ class TfdsSpec:
         """From a mixture source ``config.data.sources.NAME`` (format "tfds"): the same fields as
         ``config.data``'s (``tfds_name``, ``tfds_split``, ``tfds_data_dir``, ``image_key``,
         ``caption_key``, ``label_key``, ``caption_template``), the same defaults."""
-        kw = {f: source.get(f) for f in SOURCE_FIELDS if source.get(f) is not None}
         return cls(
-            name=kw.pop("tfds_name"),
-            split=kw.pop("tfds_split", "train"),
-            data_dir=kw.pop("tfds_data_dir", None),
+            name=source.tfds_name,
+            split=source.get("tfds_split") or "train",
+            data_dir=source.get("tfds_data_dir"),
+            image_key=source.get("image_key") or "image",
+            caption_key=source.get("caption_key"),
+            label_key=source.get("label_key", "label"),  # None: no label
+            caption_template=source.get("caption_template") or "a photo of a {}.",
             where=f"config.data.sources.{name}",
-            **kw,
         )
 
     @classmethod

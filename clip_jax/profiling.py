@@ -58,7 +58,9 @@ class Profiler:
         if not self.active and first <= step <= last:
             with self.recorder.phase("other"):
                 os.makedirs(self.directory, exist_ok=True)
-                jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+                options = jax.profiler.ProfileOptions()
+                options.python_tracer_level = 0  # else every Python call of the loop and data threads
+                jax.profiler.start_trace(self.directory, create_perfetto_trace=True, profiler_options=options)
             self.active = True
             print(f"profiling steps {step}..{last} into {os.path.join(self.workdir, 'profile')}", flush=True)
         if not self.active:

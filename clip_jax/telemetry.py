@@ -24,8 +24,9 @@ from collections.abc import Callable
 from clip_jax import chips
 from clip_jax.models import clip
 
-# Goodput parts that are not training steps: an interval's time in them is not step time.
-NOT_STEPS = ("startup", "compile", "restore", "checkpoint", "eval")
+# Goodput parts that are not training steps: an interval's time in them is not step time
+# ("other" inside the loop: starting and stopping a profile).
+NOT_STEPS = ("startup", "compile", "restore", "checkpoint", "eval", "other")
 
 
 def train_flops_per_pair(model_config: clip.CLIPConfig, patch_dropout: float = 0.0) -> float:
@@ -63,8 +64,8 @@ def interval_fields(
     """The telemetry of ``steps`` steps that took ``seconds`` of wall time, of which ``not_steps_s``
     went to evaluation, checkpoint saves, compilation, and ``data_wait_s`` to waiting for batches.
 
-    step_time_s: wall time per step, less the not-step parts (the data wait stays in: a starved
-    step is slow); data_wait_share: data wait / that time. MFU only when the peak is known.
+    step_time_s: wall time per step, less the not-step parts (`NOT_STEPS`; the data wait stays
+    in: a starved step is slow); data_wait_share: data wait / that time. MFU only when the peak is known.
     """
     step_wall = max(seconds - not_steps_s, 1e-9)
     step_time = step_wall / steps

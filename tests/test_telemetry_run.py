@@ -13,7 +13,7 @@ from conftest import load_config
 from clip_jax import goodput, train
 from clip_jax.data import pipeline
 
-DELAY_S = 0.5  # per batch, test-only: far above the tiny step's time
+DELAY_S = 1.0  # per batch, test-only: well above the tiny step's time on 2 busy cores (~0.3 s)
 
 
 def small_demo(scenes_dataset, total_steps):
@@ -22,7 +22,7 @@ def small_demo(scenes_dataset, total_steps):
     config.data.scenes.update(num_train=512, num_heldout_things=64, num_heldout_scenes=64)
     config.train.update(batch_size=32, total_steps=total_steps, log_every=2)
     config.optim.warmup_steps = 2
-    config.checkpoint.every = 4
+    config.checkpoint.every = 100  # the final step only: a background save slows the steps after it
     config.eval.update(diagnostics=False, batch_size=64)
     return config
 

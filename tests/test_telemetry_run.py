@@ -87,3 +87,53 @@ def test_slowed_pipeline_goodput_and_a_profile_of_three_steps(tmp_path, scenes_d
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     steps = {e.get("args", {}).get("step_num") for e in events if e.get("name") == "train"}
     assert steps == {"3", "4", "5"}, steps
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing_compile(at_step):
+    """train.compile_train_step whose step raises once the state reaches ``at_step``."""
+    original = train.compile_train_step
+
+    def compile_train_step(*args):
+        step_fn = original(*args)
+
+        def step(state, batch):
+            if int(state.step) == at_step:
+                raise Crash
+            return step_fn(state, batch)
+
+        return step
+
+    return compile_train_step
+
+
+@pytest.mark.slow
+def test_goodput_keeps_every_attempt_of_a_crashed_and_resumed_run(tmp_path, scenes_dataset, monkeypatch):
+    config = small_demo(scenes_dataset, total_steps=6)
+    config.checkpoint.every = 2
+    workdir = str(tmp_path / "run")
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "compile_train_step", crashing_compile(3))
+        with pytest.raises(Crash):
+            train.run(config, workdir)
+    crashed = json.loads((tmp_path / "run" / goodput.FILE).read_text())
+    assert [a["status"] for a in crashed["attempts"]] == ["failed: Crash"]
+    assert crashed["attempts"][0]["last_step"] == 2  # the last logged step before the crash
+
+    start = time.perf_counter()
+    train.run(config, workdir)
+    wall = time.perf_counter() - start
+    record = json.loads((tmp_path / "run" / goodput.FILE).read_text())
+    first, second = record["attempts"]
+    assert first == crashed["attempts"][0]  # kept as it was
+    assert second["status"] == "completed" and second["resumed_step"] == 2 and second["last_step"] == 6
+    assert second["wall_s"] == pytest.approx(wall, rel=0.02)
+    assert record["total"]["wall_s"] == pytest.approx(first["wall_s"] + second["wall_s"])
+    for part in goodput.PARTS:
+        assert record["total"]["parts_s"][part] == pytest.approx(
+            first["parts_s"][part] + second["parts_s"][part]
+        )
+    assert second["parts_s"]["restore"] > 0

@@ -4,8 +4,8 @@ The wall time of an attempt runs from the call of `train.run` (after JAX and the
 imports are up; before the mesh, the data and the model are built) to its end.
 `Recorder` splits it into parts, each moment counted in exactly one:
 
-- ``startup``: building the mesh, data, model, state shardings, the run files;
-- ``restore``: reading the checkpoint to resume from (or initialising a fresh state);
+- ``startup``: building the mesh, data, model, state shardings (a fresh state), the run files;
+- ``restore``: reading the checkpoint to resume from;
 - ``compile``: the first step's call (tracing and XLA compilation);
 - ``train``: the training loop's own time, the steps (less what is below);
 - ``data``: the loop blocked in ``next(batches)`` (data stalls);
@@ -13,12 +13,18 @@ imports are up; before the mesh, the data and the model are built) to its end.
 - ``other``: the rest (after the loop: closing, the final summaries).
 
 Parts nest (an evaluation inside the loop counts as ``eval``, not ``train``): the
-innermost open part gets the time. Goodput is the ``train`` share of the wall time;
-badput the rest. Every attempt of a run (a resume after preemption or a crash) is
-one record in the file, with a total over them: the previous file is read when
-the run has decided to start or resume (bounded; a corrupt one is replaced, with a
-warning), and the file is rewritten (staged, by process 0) at log steps and when
-the attempt ends, however it ends.
+innermost open part gets the time. The host only waits for the device where it
+fetches results: device work still queued when a save or an evaluation starts is
+counted there; as the loop syncs at every log step, with save and evaluation
+cadences that are multiples of ``train.log_every`` there is none.
+
+Goodput is the ``train`` share of the wall time; badput the rest. Every attempt of
+a run (a resume after preemption or a crash) is one record in the file, with a
+total over them: the previous file is read when the run has decided to start or
+resume (bounded; a corrupt one is replaced, with a warning), and the file is
+rewritten (staged, by process 0) at log steps and when the attempt ends, however
+it ends. The ``restore`` part is the checkpoint read only; a fresh state's
+initialisation counts as ``startup``.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ class Recorder:
 
     def attempt(self, status: str) -> dict:
         parts = self.totals()
-        wall = self.clock() - self.start
+        wall = self._mark - self.start  # up to the moment the parts were read: they sum to it
         return {
             "started_utc": self.started_utc,
             "resumed_step": self.resumed_step,

@@ -21,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
+import ml_collections
+
 from clip_jax import chips
 from clip_jax.models import clip
 
@@ -111,3 +114,19 @@ class Meter:
     def start(self) -> None:
         """Marks the interval start (the step the logger counts from)."""
         self._last = dict(self.totals())
+
+
+def meter(
+    config: ml_collections.ConfigDict,
+    model_config: clip.CLIPConfig,
+    totals: Callable[[], dict[str, float]],
+    primary: bool,
+) -> Meter:
+    """The run's `Meter`: its batch, devices, model FLOPs and peak (process 0 says where the peak
+    comes from, or how to set it)."""
+    dtype = jax.numpy.dtype(config.model.dtype).name
+    peak, line = resolve_peak(jax.devices()[0].device_kind, dtype, config.logging.peak_flops)
+    if primary:
+        print(line, flush=True)
+    flops = train_flops_per_pair(model_config, config.model.patch_dropout)
+    return Meter(config.train.batch_size, jax.device_count(), flops, peak, totals)

@@ -356,7 +356,7 @@ def _run(r: Run, recorder: goodput.Recorder) -> dict[str, Any]:
             wandb_project=config.logging.wandb_project,
             wandb_config=config.to_dict(),
             resumed_step=int(state.step),
-            meter=make_meter(r, recorder),
+            meter=telemetry.meter(config, r.model.config, recorder.totals, r.primary),
         )
     except BaseException:
         checkpoints.close()
@@ -474,16 +474,6 @@ def evaluate_and_log(r: Run, state: TrainState, step: int, logger) -> dict:
         write_eval(r.workdir, step, results)
         logger.write_eval(step, results)
     return results
-
-
-def make_meter(r: Run, recorder: goodput.Recorder) -> telemetry.Meter:
-    """The log line's telemetry for this run: its model FLOPs, devices and peak (one line about the peak)."""
-    dtype = jax.numpy.dtype(r.config.model.dtype).name
-    peak, line = telemetry.resolve_peak(jax.devices()[0].device_kind, dtype, r.config.logging.peak_flops)
-    if r.primary:
-        print(line, flush=True)
-    flops = telemetry.train_flops_per_pair(r.model.config, r.config.model.patch_dropout)
-    return telemetry.Meter(r.config.train.batch_size, jax.device_count(), flops, peak, recorder.totals)
 
 
 def log_model_summary(abstract: TrainState, mesh: Mesh) -> None:

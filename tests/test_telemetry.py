@@ -189,3 +189,17 @@ def test_a_bad_profile_window_is_one_clear_error(steps):
 def test_profile_window_accepts_a_range_or_nothing():
     assert profiling.window((), 10) is None and profiling.window(None, 10) is None
     assert profiling.window((3, 5), 10) == (3, 5) and profiling.window([10, 10], 10) == (10, 10)
+
+
+def test_the_runs_meter_from_its_config(capsys):
+    config = base_config()
+    config.model.update(variant="tiny", dtype="float32", patch_dropout=0.25)
+    config.train.batch_size = 64
+    model_config = shapes.from_sections("tiny", None, None, None)
+    m = telemetry.meter(config, model_config, dict, primary=True)
+    assert (m.global_batch, m.devices, m.peak_flops) == (64, 8, None)  # CPU: not in the table
+    assert m.flops_per_pair == telemetry.train_flops_per_pair(model_config, 0.25)
+    assert "--config.logging.peak_flops" in capsys.readouterr().out
+    config.logging.peak_flops = 3e12
+    assert telemetry.meter(config, model_config, dict, primary=False).peak_flops == 3e12
+    assert capsys.readouterr().out == ""  # only process 0 says it

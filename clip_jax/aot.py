@@ -33,8 +33,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from clip_jax import cli, losses, optim, sharding, train, validation
-from clip_jax.models import clip
+from clip_jax import chips, cli, losses, optim, sharding, telemetry, train, validation
 
 GIB = 1 << 30
 
@@ -48,12 +47,16 @@ class Generation:
     hbm_bandwidth: float  # HBM bytes/s per chip
 
 
-# Peaks and bandwidths as Google publishes them per chip (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
+def _generation(chip: str, cores_per_chip_in_name: int, three_d: bool) -> Generation:
+    spec = chips.CHIPS[chip]  # the one accelerator table (clip_jax/chips.py), shared with telemetry
+    return Generation(spec.hbm_gib, cores_per_chip_in_name, three_d, spec.bf16_flops, spec.hbm_bandwidth)
+
+
 GENERATIONS = {
-    "v4": Generation(32, 2, True, 275e12, 1200e9),
-    "v5e": Generation(16, 1, False, 197e12, 819e9),
-    "v5p": Generation(95, 2, True, 459e12, 2765e9),
-    "v6e": Generation(32, 1, False, 918e12, 1638e9),
+    "v4": _generation("v4", 2, True),
+    "v5e": _generation("v5e", 1, False),
+    "v5p": _generation("v5p", 2, True),
+    "v6e": _generation("v6e", 1, False),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 # Chips -> torus shape, the shapes Cloud TPU slices come in.
@@ -163,9 +166,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: list) -> dict:
 def model_flops(config: ml_collections.ConfigDict) -> float:
     """Model FLOPs of one train step: 3 x forward (benchmark.py's formula), FLIP's kept patches."""
     model = train.build_model(config)
-    patches = getattr(model.config.vision, "num_patches", None)  # None: a ResNet tower
-    kept = None if patches is None else patches - int(patches * config.model.patch_dropout)
-    return 3 * clip.forward_flops_per_pair(model.config, kept) * config.train.batch_size
+    return telemetry.train_flops_per_pair(model.config, config.model.patch_dropout) * config.train.batch_size
 
 
 def loop_caveat(config: ml_collections.ConfigDict) -> str | None:

@@ -144,7 +144,17 @@ def base_config() -> ConfigDict:
         }
     )
     # TensorBoard event files under WORKDIR/tensorboard (no TensorFlow); W&B when a project is set.
-    c.logging = ConfigDict({"tensorboard": True, "wandb_project": config_dict.placeholder(str)})
+    c.logging = ConfigDict(
+        {
+            "tensorboard": True,
+            "wandb_project": config_dict.placeholder(str),
+            # Peak FLOP/s of one device for the logged MFU (None: clip_jax/chips.py's table for the
+            # device kind and model dtype; a device it does not know logs no MFU).
+            "peak_flops": config_dict.placeholder(float),
+            # (first, last): a jax.profiler trace of those steps in WORKDIR/profile (process 0).
+            "profile_steps": (),
+        }
+    )
     # Train state + data position under WORKDIR/checkpoints; a run resumes from the latest
     # intact step. keep: the last K; keep_period M: every M-th step is kept too (None: no).
     # allow_data_change: resume even when the data config differs from the checkpoint's.

@@ -21,7 +21,20 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from clip_jax import checkpoint, evaluate, lock, losses, metrics, optim, sharding, storage, validation
+from clip_jax import (
+    checkpoint,
+    evaluate,
+    goodput,
+    lock,
+    losses,
+    metrics,
+    optim,
+    profiling,
+    sharding,
+    storage,
+    telemetry,
+    validation,
+)
 from clip_jax.data import elastic, emoji_data, mixture, pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip, shapes
@@ -284,7 +297,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     refused resume (changed data, a state that does not fit, no step verifies) leaves it
     as it was.
     """
+    recorder = goodput.Recorder(workdir, jax.process_index() == 0)  # the attempt's wall time starts
     validation.check_config(config)
+    profiling.window(config.logging.profile_steps, config.train.total_steps)
     mesh = sharding.make_mesh(config.sharding.mesh)
     validation.check_batch(config, mesh)
     with lock.hold(workdir):
@@ -294,10 +309,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         model = build_model(config, tokenizer.vocab_size)
         r = Run(config, workdir, mesh, model, tokenizer, data, jax.process_index() == 0)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-            return _run(r)
+            try:
+                result = _run(r, recorder)
+            except BaseException as e:
+                recorder.finish(f"failed: {type(e).__name__}")
+                raise
+            recorder.finish("preempted" if result["preempted"] else "completed")
+            return result
 
 
-def _run(r: Run) -> dict[str, Any]:
+def _run(r: Run, recorder: goodput.Recorder) -> dict[str, Any]:
     """`run` once the workdir is locked and the data, tokenizer and model are known."""
     config, batch_size = r.config, r.config.train.batch_size
     tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
@@ -322,7 +343,8 @@ def _run(r: Run) -> dict[str, Any]:
         os.path.join(r.workdir, "checkpoints"), config.checkpoint, fingerprint
     )
     try:
-        state = initial_state(r, tx, checkpoints, abstract, shardings, batches)  # the decision
+        state = initial_state(r, tx, checkpoints, abstract, shardings, batches, recorder)  # the decision
+        recorder.begin(int(state.step))  # goodput.json is written from here on
         if r.primary:
             write_run_files(r)
         logger = metrics.MetricsLogger(
@@ -334,6 +356,7 @@ def _run(r: Run) -> dict[str, Any]:
             wandb_project=config.logging.wandb_project,
             wandb_config=config.to_dict(),
             resumed_step=int(state.step),
+            meter=telemetry.meter(config, r.model.config, recorder.totals, r.primary),
         )
     except BaseException:
         checkpoints.close()
@@ -349,11 +372,16 @@ def _run(r: Run) -> dict[str, Any]:
                 config.train.seed,
             )
             step_fn = compile_train_step(step, shardings, r.mesh)
-            result = train_loop(r, state, step_fn, batches, checkpoints, logger, skipped)
+            window = profiling.window(config.logging.profile_steps, config.train.total_steps)
+            profiler = profiling.Profiler(r.workdir, window, r.primary, recorder)
+            with contextlib.closing(profiler):
+                loop_args = (checkpoints, logger, skipped, recorder, profiler)
+                result = train_loop(r, state, step_fn, batches, *loop_args)
         finally:
             checkpoints.close()
         if r.data.scenes is not None and not result["preempted"]:
-            result["eval"] = evaluate_and_log(r, result["state"], config.train.total_steps, logger)
+            with recorder.phase("eval"):
+                result["eval"] = evaluate_and_log(r, result["state"], config.train.total_steps, logger)
     return result
 
 
@@ -363,10 +391,11 @@ def write_run_files(r: Run) -> None:
     storage.copy_file(r.data.tokenizer, os.path.join(r.workdir, TOKENIZER_FILE))
 
 
-def initial_state(r: Run, tx, checkpoints, abstract, shardings, batches) -> TrainState:
+def initial_state(r: Run, tx, checkpoints, abstract, shardings, batches, recorder) -> TrainState:
     """The latest checkpoint (the iterator repositioned), else a fresh state, from
     ``config.train.init_from`` weights when given (fine-tuning: a fresh optimizer)."""
-    state = checkpoints.restore(abstract, shardings, batches)
+    with recorder.phase("restore"):
+        state = checkpoints.restore(abstract, shardings, batches)
     if state is not None:
         if r.primary:
             print(f"resumed from step {int(state.step)}", flush=True)
@@ -387,31 +416,44 @@ def initial_state(r: Run, tx, checkpoints, abstract, shardings, batches) -> Trai
     return state
 
 
-def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) -> dict[str, Any]:
+def train_loop(
+    r: Run, state, step_fn, batches, checkpoints, logger, skipped, recorder, profiler
+) -> dict[str, Any]:
     """Steps to ``train.total_steps``: log, save on the cadence, evaluate every ``eval.every``,
-    and on a SIGTERM save at the step all processes agree on and stop."""
+    and on a SIGTERM save at the step all processes agree on and stop. ``recorder`` (goodput)
+    times the data wait, saves and evaluations; ``profiler`` traces its window of steps."""
     config, total_steps = r.config, r.config.train.total_steps
     result, step_metrics, preempted = {"train": None}, None, False
     every = config.eval.every if r.data.scenes is not None else 0
     first_step = int(state.step) + 1
+    recorder.switch("train")
     for step in range(first_step, total_steps + 1):
-        state, step_metrics = step_fn(state, sharding.to_global(next(batches), r.mesh))
+        with recorder.phase("data"):
+            batch = next(batches)
+        with recorder.phase("compile" if step == first_step else "train"), profiler.step(step):
+            state, step_metrics = step_fn(state, sharding.to_global(batch, r.mesh))
+        profiler.stepped(step, state)
         if step % config.train.log_every == 0 or step in (first_step, total_steps):
             drawn = elastic.source_metrics(batches)
             result["train"] = logger.write(step, {**step_metrics, **drawn})
+            recorder.write(step)
             if drawn and r.primary:
                 print(f"data: examples per source {drawn}", flush=True)
             if skipped.total_skipped:
                 print(f"data (process {jax.process_index()}): {skipped.as_dict()}", flush=True)
-        preempted = checkpoints.reached_preemption(step)
-        checkpoints.save(step, state, batches, step_metrics, force=preempted)
+        with recorder.phase("checkpoint"):
+            preempted = checkpoints.reached_preemption(step)
+            checkpoints.save(step, state, batches, step_metrics, force=preempted)
         if preempted:
             print(f"preempted: saved step {step}, exiting", flush=True)
             break
         if every and step % every == 0 and step != total_steps:  # the final one follows the loop
-            evaluate_and_log(r, state, step, logger)
+            with recorder.phase("eval"):
+                evaluate_and_log(r, state, step, logger)
     if not preempted and checkpoints.latest_step() != total_steps:
-        checkpoints.save(total_steps, state, batches, step_metrics, force=True)
+        with recorder.phase("checkpoint"):
+            checkpoints.save(total_steps, state, batches, step_metrics, force=True)
+    recorder.switch("other")
     return {**result, "state": state, "preempted": preempted}
 
 

@@ -72,6 +72,10 @@ def cases(model, files):
             "config.json",
         ),
         "report_missing_workdir": (["-m", "clip_jax.report", str(files / "nope")], "nope"),
+        "main_profile_steps_backwards": (
+            ["-m", "clip_jax.main", DEMO, f"--workdir={files / 'w'}", "--config.logging.profile_steps=(5,3)"],
+            "config.logging.profile_steps=(5, 3)",
+        ),
         "predict_without_command": (
             ["-m", "clip_jax.predict", f"--model={model}"],
             "classify, index, search",

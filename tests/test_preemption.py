@@ -171,7 +171,13 @@ def test_sigterm_saves_at_an_agreed_step_exits_0_and_resumes_bitwise_equal(launc
     assert saved[0] < TOTAL_STEPS and max(logged_steps(workdir)) == saved[0]
     assert checkpoint.damage(str(workdir / "checkpoints" / str(saved[0]))) is None  # committed, confirmed
     assert not (workdir / "eval").exists()  # a preempted run stops at once
+    (attempt,) = json.loads((workdir / "goodput.json").read_text())["attempts"]
+    assert attempt["status"] == "preempted" and attempt["last_step"] == saved[0]
 
     assert finish(launcher(workdir), workdir) == 0
     assert f"resumed from step {saved[0]}" in (workdir / "log.txt").read_text()
     assert_bitwise_equal(final_state(workdir), reference)
+    record = json.loads((workdir / "goodput.json").read_text())  # both attempts, and their total
+    assert [a["status"] for a in record["attempts"]] == ["preempted", "completed"]
+    assert record["attempts"][1]["resumed_step"] == saved[0]
+    assert record["total"]["wall_s"] == sum(a["wall_s"] for a in record["attempts"])

@@ -21,7 +21,19 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from clip_jax import checkpoint, evaluate, lock, losses, metrics, optim, sharding, storage, validation
+from clip_jax import (
+    checkpoint,
+    evaluate,
+    lock,
+    logs,
+    losses,
+    metrics,
+    nonfinite,
+    optim,
+    sharding,
+    storage,
+    validation,
+)
 from clip_jax.data import elastic, emoji_data, mixture, pipeline, scenes, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.models import clip, shapes
@@ -191,7 +203,9 @@ def make_train_step(
 
     batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L]} (global arrays).
     The step's randomness (FLIP's patch choice) is drawn from ``seed`` and the step
-    number, so a resumed run draws what the uninterrupted one would have.
+    number, so a resumed run draws what the uninterrupted one would have. A non-finite
+    loss or gradient leaves params and optimizer state as they were (`clip_jax.nonfinite`);
+    the metrics' ``nonfinite`` is 1.0 for such a step, else 0.0.
     """
     gradient_fn = make_gradient_fn(model, loss_fn, accum_steps)
 
@@ -201,12 +215,16 @@ def make_train_step(
         (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates))
+        grad_norm = optax.global_norm(grads)
+        ok = nonfinite.finite(loss, grad_norm)
+        params, opt_state = nonfinite.keep_if_finite(ok, params, state.params, opt_state, state.opt_state)
         stats = {
             **stats,
             "loss": loss,
             "logit_scale": jnp.exp(params["logit_scale"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
+            "nonfinite": 1.0 - ok.astype(jnp.float32),
         }
         return TrainState(state.step + 1, params, opt_state, state.model_state), stats
 
@@ -325,6 +343,7 @@ def _run(r: Run) -> dict[str, Any]:
         state = initial_state(r, tx, checkpoints, abstract, shardings, batches)  # the decision
         if r.primary:
             write_run_files(r)
+        logs.to_file(r.workdir, jax.process_index())  # the run has started: its workdir is ours
         logger = metrics.MetricsLogger(
             r.workdir,
             config.train.total_steps,
@@ -394,11 +413,15 @@ def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) ->
     result, step_metrics, preempted = {"train": None}, None, False
     every = config.eval.every if r.data.scenes is not None else 0
     first_step = int(state.step) + 1
+    watch = nonfinite.Watch(config.train.max_nonfinite_steps, checkpoints.latest_step)
     for step in range(first_step, total_steps + 1):
         state, step_metrics = step_fn(state, sharding.to_global(next(batches), r.mesh))
+        watch.push(step, step_metrics["nonfinite"])  # reads the previous step's flag
         if step % config.train.log_every == 0 or step in (first_step, total_steps):
+            watch.flush()
             drawn = elastic.source_metrics(batches)
-            result["train"] = logger.write(step, {**step_metrics, **drawn})
+            counted = {"nonfinite_steps": watch.total}
+            result["train"] = logger.write(step, {**step_metrics, **counted, **drawn})
             if drawn and r.primary:
                 print(f"data: examples per source {drawn}", flush=True)
             if skipped.total_skipped:
@@ -410,6 +433,7 @@ def train_loop(r: Run, state, step_fn, batches, checkpoints, logger, skipped) ->
             break
         if every and step % every == 0 and step != total_steps:  # the final one follows the loop
             evaluate_and_log(r, state, step, logger)
+    watch.flush()
     if not preempted and checkpoints.latest_step() != total_steps:
         checkpoints.save(total_steps, state, batches, step_metrics, force=True)
     return {**result, "state": state, "preempted": preempted}

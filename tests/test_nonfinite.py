@@ -4,6 +4,10 @@ naming the step and the last good checkpoint; a killed run with a skipped step r
 bitwise equal to the uninterrupted one."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -12,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from test_checkpoint import Crash, assert_trees_bitwise_equal, crashing_compile, small_demo
+from test_train import ROOT, SMALL_SCENES
 
 from clip_jax import cli, losses, nonfinite, optim, sharding, train
 from clip_jax.config_defaults import base_config
@@ -209,3 +214,54 @@ def test_n_consecutive_nan_steps_stop_the_run_naming_the_step_and_checkpoint(
     assert max(saved) == 3
     rows = metric_rows(tmp_path)  # (step 6 stops the run before its row)
     assert [(r["nonfinite"], r["nonfinite_steps"]) for r in rows] == [(0, 0), (1, 1), (0, 1), (1, 2), (1, 3)]
+
+
+# The entry point with every step's loss NaN (the test's injection, as above).
+NAN_MAIN = """
+import jax.numpy as jnp
+from clip_jax import cli, main, train
+
+real = train.make_train_step
+
+
+def make_train_step(model, tx, schedule, loss_fn, *args, **kwargs):
+    def nan_loss(*a):
+        loss, stats = loss_fn(*a)
+        return loss * jnp.nan, stats
+
+    return real(model, tx, schedule, nan_loss, *args, **kwargs)
+
+
+train.make_train_step = make_train_step
+cli.run(main.main)
+"""
+
+
+@pytest.mark.slow
+def test_the_entry_point_stops_with_one_error_line(tmp_path, scenes_dataset):
+    script = tmp_path / "nan_main.py"
+    script.write_text(NAN_MAIN)
+    cmd = [
+        sys.executable,
+        str(script),
+        f"--config={ROOT / 'configs' / 'demo.py'}",
+        f"--workdir={tmp_path / 'w'}",
+    ]
+    cmd += [f"--config.data.scenes.dir={os.path.dirname(scenes_dataset.tokenizer)}"]
+    cmd += [f"--config.data.scenes.{n}={v}" for n, v in SMALL_SCENES]
+    cmd += [
+        "--config.train.batch_size=16",
+        "--config.train.max_nonfinite_steps=2",
+        "--config.train.log_every=1",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's clip_jax (the script lies elsewhere)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert re.match(
+        r"error: training stopped at step 2: 2 consecutive steps \(1-2\) had a non-finite loss or gradient "
+        r"\(train.max_nonfinite_steps=2\); none was applied, the last good checkpoint is ",
+        errors[0],
+    ), errors[0]

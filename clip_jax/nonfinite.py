@@ -1,7 +1,7 @@
 """Non-finite steps: an update from a NaN/Inf loss or gradient is not applied, and is counted.
 
 On device (inside the step): `finite` says whether the loss and the gradient are all
-finite; `apply_if_finite` keeps the old parameters and optimizer state when they are
+finite; `keep_if_finite` selects the old parameters and optimizer state when they are
 not. The step counter still advances, and so do the optimizer's own step counts (its
 ``count`` fields: the learning-rate schedule inside optax and Adam's bias correction),
 so the schedule, the per-step RNG and the data position stay those of the step number
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from clip_jax import checkpoint, cli
 
@@ -35,17 +34,15 @@ def _is_count(path) -> bool:
     return isinstance(last, jax.tree_util.GetAttrKey) and last.name == "count"
 
 
-def apply_if_finite(ok: jax.Array, update, params, opt_state):
-    """``update()`` -> (params, opt_state) when ``ok``; else (``params``, ``opt_state``) as they
-    are, except that the optimizer's step counts (``count`` fields) advance as an update would
-    (optax.safe_increment). A `jax.lax.cond`: the skipped update is not computed, and the new
-    state is written over the donated old one (no second copy of params and moments)."""
-
-    def skip():
-        advance = lambda path, x: optax.safe_increment(x) if _is_count(path) else x
-        return params, jax.tree_util.tree_map_with_path(advance, opt_state)
-
-    return jax.lax.cond(ok, update, skip)
+def keep_if_finite(ok: jax.Array, new_params, old_params, new_opt_state, old_opt_state):
+    """(params, opt_state): the new ones when ``ok``, else the old ones, except that the
+    optimizer's step counts (``count`` fields) advance either way."""
+    select = lambda new, old: jnp.where(ok, new, old)
+    params = jax.tree.map(select, new_params, old_params)
+    opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, new, old: new if _is_count(path) else select(new, old), new_opt_state, old_opt_state
+    )
+    return params, opt_state
 
 
 class NonFiniteStepsError(checkpoint.NonFiniteError, cli.UserError):

@@ -213,14 +213,11 @@ def make_train_step(
         images = transforms.normalize(batch["image"])
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
         (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates))
         grad_norm = optax.global_norm(grads)
-
-        def update():
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return clip.clamp_logit_scale(optax.apply_updates(state.params, updates)), opt_state
-
         ok = nonfinite.finite(loss, grad_norm)
-        params, opt_state = nonfinite.apply_if_finite(ok, update, state.params, state.opt_state)
+        params, opt_state = nonfinite.keep_if_finite(ok, params, state.params, opt_state, state.opt_state)
         stats = {
             **stats,
             "loss": loss,

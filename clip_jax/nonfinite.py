@@ -9,6 +9,12 @@ and a resumed run repeats the uninterrupted one bit for bit. The optimizer state
 its layout (optax.apply_if_finite would wrap it: existing checkpoints would no longer
 restore, and it checks the updates only, not the loss).
 
+A select, not a `jax.lax.cond`: with no NaN the step computes what it did before, bit
+for bit (the demo's losses are unchanged); a cond changed XLA's fusions (demo loss
+2.5126 -> 2.5127 at step 50) though it saved XLA:CPU's temporaries a copy of the
+parameters (B/32, 8 devices, batch 256: 3.151 GB before, 3.241 GB with the select,
+3.151 GB with a cond).
+
 On the host (the loop): `Watch` reads each step's flag one step late, after the next
 step is dispatched, so the device always has a step queued; it counts the skipped steps
 and stops the run after ``train.max_nonfinite_steps`` consecutive ones. The flag is a

@@ -188,9 +188,12 @@ def check_finite(step: int, state, step_metrics: dict | None, latest: int | None
 
     The metrics and the norm are replicated: every process takes the same decision.
     """
-    values = {k: step_metrics[k] for k in ("loss", "grad_norm") if step_metrics and k in step_metrics}
+    keys = ("loss", "grad_norm", "nonfinite")
+    values = {k: step_metrics[k] for k in keys if step_metrics and k in step_metrics}
     values["param_norm"] = _global_norm(state.params)
     values = {k: float(v) for k, v in jax.device_get(values).items()}
+    if values.pop("nonfinite", 0.0):  # a skipped step (clip_jax.nonfinite): its loss is not the state's
+        values = {"param_norm": values["param_norm"]}
     if all(np.isfinite(v) for v in values.values()):
         return
     shown = ", ".join(f"{k}={v}" for k, v in values.items())

@@ -132,6 +132,9 @@ def base_config() -> ConfigDict:
             # What init_from's bare OpenAI/open_clip state dict does not record, in the format of
             # export's --weights_overrides: "vision_heads=16,text_heads=16,activation=gelu".
             "init_from_overrides": config_dict.placeholder(str),
+            # A step with a non-finite loss or gradient is not applied (and is counted); this
+            # many in a row stop the run, naming the last good checkpoint.
+            "max_nonfinite_steps": 10,
         }
     )
     c.eval = ConfigDict(

@@ -132,12 +132,15 @@ def evaluate_scenes(
 
 def print_table(title: str, results: dict) -> None:
     """The scalar metrics with their chance levels; nested results are summarised."""
-    print(f"\n{title}\n{'metric':<34}{'value':>8}{'chance':>9}")
-    for name, value in results.items():
-        if name.endswith(("_chance", "_l2")) or not isinstance(value, float):
-            continue
-        chance = results.get(f"{name}_chance", float("nan"))
-        print(f"{name:<34}{value:>8.1%}{chance:>9.1%}")
+    rows = [
+        (name, value, results.get(f"{name}_chance", float("nan")))
+        for name, value in results.items()
+        if not name.endswith(("_chance", "_l2")) and isinstance(value, float)
+    ]
+    width = max([len("metric"), *(len(name) for name, _, _ in rows)]) + 2  # the longest name sets it
+    print(f"\n{title}\n{'metric':<{width}}{'value':>8}{'chance':>9}")
+    for name, value, chance in rows:
+        print(f"{name:<{width}}{value:>8.1%}{chance:>9.1%}")
     for attribute, report in results.get("prompt_sensitivity", {}).items():
         print(
             f"prompts ({attribute}): ensemble {report['ensemble']:.1%}, best single "

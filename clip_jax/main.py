@@ -5,7 +5,8 @@ pod pass --multihost (launch/tpu.py does) and JAX finds the other hosts from the
 VM's metadata; elsewhere pass --coordinator_address, --num_processes and
 --process_id. If a process dies, the others stop with an error after
 --heartbeat_timeout_s instead of hanging. On SIGTERM (preemption) every process saves a
-checkpoint at the same step and exits 0; rerunning the command resumes.
+checkpoint at the same step and exits 0; rerunning the command resumes. Libraries'
+INFO lines go to WORKDIR/logs/process_N.log (`clip_jax.logs`), not the terminal.
 """
 
 import os
@@ -15,7 +16,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from clip_jax import cli, train
+from clip_jax import cli, logs, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/b16.py.")
 _WORKDIR = flags.DEFINE_string(
@@ -63,6 +64,7 @@ def _initialize_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logs.quiet()  # libraries' INFO lines: WORKDIR/logs/process_N.log once the run starts
     _initialize_distributed()
     train.run(_CONFIG.value, _WORKDIR.value)
 

@@ -26,8 +26,10 @@ from clip_jax import (
     evaluate,
     goodput,
     lock,
+    logs,
     losses,
     metrics,
+    nonfinite,
     optim,
     profiling,
     sharding,
@@ -204,7 +206,9 @@ def make_train_step(
 
     batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L]} (global arrays).
     The step's randomness (FLIP's patch choice) is drawn from ``seed`` and the step
-    number, so a resumed run draws what the uninterrupted one would have.
+    number, so a resumed run draws what the uninterrupted one would have. A non-finite
+    loss or gradient leaves params and optimizer state as they were (`clip_jax.nonfinite`);
+    the metrics' ``nonfinite`` is 1.0 for such a step, else 0.0.
     """
     gradient_fn = make_gradient_fn(model, loss_fn, accum_steps)
 
@@ -214,12 +218,16 @@ def make_train_step(
         (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates))
+        grad_norm = optax.global_norm(grads)
+        ok = nonfinite.finite(loss, grad_norm)
+        params, opt_state = nonfinite.keep_if_finite(ok, params, state.params, opt_state, state.opt_state)
         stats = {
             **stats,
             "loss": loss,
             "logit_scale": jnp.exp(params["logit_scale"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
+            "nonfinite": 1.0 - ok.astype(jnp.float32),
         }
         return TrainState(state.step + 1, params, opt_state, state.model_state), stats
 
@@ -347,6 +355,7 @@ def _run(r: Run, recorder: goodput.Recorder) -> dict[str, Any]:
         recorder.begin(int(state.step))  # goodput.json is written from here on
         if r.primary:
             write_run_files(r)
+        logs.to_file(r.workdir, jax.process_index())  # the run has started: its workdir is ours
         logger = metrics.MetricsLogger(
             r.workdir,
             config.train.total_steps,
@@ -426,6 +435,7 @@ def train_loop(
     result, step_metrics, preempted = {"train": None}, None, False
     every = config.eval.every if r.data.scenes is not None else 0
     first_step = int(state.step) + 1
+    watch = nonfinite.Watch(config.train.max_nonfinite_steps, checkpoints.latest_step)
     recorder.switch("train")
     for step in range(first_step, total_steps + 1):
         with recorder.phase("data"):
@@ -433,9 +443,12 @@ def train_loop(
         with recorder.phase("compile" if step == first_step else "train"), profiler.step(step):
             state, step_metrics = step_fn(state, sharding.to_global(batch, r.mesh))
         profiler.stepped(step, state)
+        watch.push(step, step_metrics["nonfinite"])  # reads the previous step's flag
         if step % config.train.log_every == 0 or step in (first_step, total_steps):
+            watch.flush()
             drawn = elastic.source_metrics(batches)
-            result["train"] = logger.write(step, {**step_metrics, **drawn})
+            counted = {"nonfinite_steps": watch.total}
+            result["train"] = logger.write(step, {**step_metrics, **counted, **drawn})
             recorder.write(step)
             if drawn and r.primary:
                 print(f"data: examples per source {drawn}", flush=True)
@@ -450,6 +463,7 @@ def train_loop(
         if every and step % every == 0 and step != total_steps:  # the final one follows the loop
             with recorder.phase("eval"):
                 evaluate_and_log(r, state, step, logger)
+    watch.flush()
     if not preempted and checkpoints.latest_step() != total_steps:
         with recorder.phase("checkpoint"):
             checkpoints.save(total_steps, state, batches, step_metrics, force=True)

@@ -44,6 +44,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         ("optim.warmup_steps", 0),
         ("eval.batch_size", 1),
         ("train.accum_steps", 1),
+        ("train.max_nonfinite_steps", 1),
     ):
         section, name = field.split(".")
         value = config[section][name]

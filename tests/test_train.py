@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 METRIC_KEYS = {
     "step", "loss", "i2t_acc", "t2i_acc", "logit_scale", "grad_norm", "lr",
-    "steps_per_sec", "pairs_per_sec", "elapsed_s", "eta_s",
+    "steps_per_sec", "pairs_per_sec", "elapsed_s", "eta_s", "nonfinite", "nonfinite_steps",
     "step_time_s", "data_wait_s", "data_wait_share", "pairs_per_sec_per_device",  # no "mfu" on CPU
 }  # fmt: skip
 

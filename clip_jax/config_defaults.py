@@ -122,6 +122,9 @@ def base_config() -> ConfigDict:
             # softmax (local rows x gathered columns) | softmax_ring | softmax_dense |
             # sigmoid_ring | sigmoid_dense (SigLIP; adds a learnable logit bias)
             "loss": "softmax",
+            # Cap on exp(logit_scale) after every update (None: 100 for the softmax losses, as
+            # CLIP; none for the sigmoid ones, as big_vision; inf: no cap).
+            "max_logit_scale": config_dict.placeholder(float),
             # Micro-batches per step; the gradient stays the whole batch's (all negatives).
             "accum_steps": 1,
             # Weights to start from when the workdir has no checkpoint (a checkpoint, i.e.

@@ -68,6 +68,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
         patch_dropout=config.model.patch_dropout,
         remat=config.model.remat,
         scan=config.model.scan,
+        max_logit_scale=config.train.get("max_logit_scale"),
     )
 
 
@@ -200,7 +201,7 @@ def make_train_step(
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
         (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates))
+        params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates), clip.scale_cap(model))
         stats = {
             **stats,
             "loss": loss,

@@ -69,6 +69,9 @@ def base_config() -> ConfigDict:
             # The record field with the caption(s) (None: "captions", a list, or "caption").
             "caption_field": config_dict.placeholder(str),
             "tokenizer": config_dict.placeholder(str),  # sentencepiece .model file
+            # Its id layout: "clip_jax" (pad 0, unk 1, bos 2, eos 3) or "siglip" (SigLIP's shipped
+            # models: pad 0, eos 1); None: read from the model's special ids (clip_jax/data/tokenizer.py).
+            "tokenizer_layout": config_dict.placeholder(str),
             # "array_record" | "webdataset" (img2dataset tar shards read directly) | "tfds"
             "format": "array_record",
             # format "tfds": a TFDS dataset prepared in array_record format, read with

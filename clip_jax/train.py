@@ -291,7 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with lock.hold(workdir):
         data = resolve_data(config, workdir)
         context_length = build_model(config).config.text.context_length
-        tokenizer = Tokenizer(data.tokenizer, context_length)
+        tokenizer = Tokenizer(data.tokenizer, context_length, config.data.get("tokenizer_layout"))
         model = build_model(config, tokenizer.vocab_size)
         r = Run(config, workdir, mesh, model, tokenizer, data, jax.process_index() == 0)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):

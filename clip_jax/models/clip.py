@@ -179,7 +179,7 @@ def scale_cap(model: CLIP) -> float | None:
     ``model.max_logit_scale`` (``config.train.max_logit_scale``; ``inf``: no cap) when
     given; else CLIP's 100 for a model without a logit bias (softmax losses), and no cap
     for one with it (SigLIP: big_vision never clips its learned t, and an imported
-    SigLIP's exp(t) may already exceed 100, e.g. ~112 for SigLIP B/16).
+    SigLIP's exp(t) may already exceed 100).
     """
     if model.max_logit_scale is not None:
         if not model.max_logit_scale > 0:

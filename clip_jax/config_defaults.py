@@ -125,6 +125,9 @@ def base_config() -> ConfigDict:
             # softmax (local rows x gathered columns) | softmax_ring | softmax_dense |
             # sigmoid_ring | sigmoid_dense (SigLIP; adds a learnable logit bias)
             "loss": "softmax",
+            # The sigmoid losses' initial t and b of the logits t x.y + b (None: SigLIP's 10, -10).
+            "sigmoid_init_scale": config_dict.placeholder(float),
+            "sigmoid_init_bias": config_dict.placeholder(float),
             # Cap on exp(logit_scale) after every update (None: 100 for the softmax losses, as
             # CLIP; none for the sigmoid ones, as big_vision; inf: no cap).
             "max_logit_scale": config_dict.placeholder(float),

@@ -59,8 +59,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
     if config.train.loss in losses.SIGMOID_LOSSES:
         variant = dataclasses.replace(
             variant,
-            logit_scale_init=losses.SIGMOID_LOGIT_SCALE_INIT,
-            logit_bias_init=losses.SIGMOID_LOGIT_BIAS_INIT,
+            logit_scale_init=losses.sigmoid_scale_init(config.train),
+            logit_bias_init=losses.sigmoid_bias_init(config.train),
         )
     return clip.CLIP(
         variant,

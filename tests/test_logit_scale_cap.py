@@ -1,6 +1,6 @@
-"""The cap on exp(logit_scale) after each update: CLIP's 100 for the softmax losses, none
-for the sigmoid ones (an imported SigLIP's learned scale may exceed 100), or
-``config.train.max_logit_scale``."""
+"""The sigmoid losses' initial t and b from the config, and the cap on exp(logit_scale)
+after each update: CLIP's 100 for the softmax losses, none for the sigmoid ones (an
+imported SigLIP's learned scale may exceed 100), or ``config.train.max_logit_scale``."""
 
 import importlib.util
 import math
@@ -71,3 +71,22 @@ def test_clamp_logit_scale():
     assert float(clip.clamp_logit_scale(params, 120.0)["logit_scale"]) == pytest.approx(math.log(120.0))
     assert clip.clamp_logit_scale(params, None) is params
     assert float(clip.clamp_logit_scale(params)["logit_scale"]) == pytest.approx(math.log(100.0))
+
+
+def test_the_sigmoid_init_is_a_config_value():
+    config = recipe("demo_siglip").unlock()
+    config.train.update(sigmoid_init_scale=None, sigmoid_init_bias=None)
+    model = train.build_model(config)
+    assert model.config.logit_scale_init == pytest.approx(math.log(10.0))  # SigLIP's t' = log 10
+    assert model.config.logit_bias_init == -10.0
+    config.train.update(sigmoid_init_scale=30.0, sigmoid_init_bias=-7.0)
+    model = train.build_model(config)
+    values = model.init(jax.random.key(0), *clip.dummy_inputs(model.config))["params"]
+    assert float(np.exp(values["logit_scale"].value)) == pytest.approx(30.0, rel=1e-6)
+    assert float(values["logit_bias"].value) == -7.0
+    config.train.sigmoid_init_scale = -1.0
+    with pytest.raises(cli.UserError, match="sigmoid_init_scale=-1.0 must be > 0"):
+        train.build_model(config)
+    softmax = recipe("demo")  # the softmax demo keeps CLIP's init: no bias, t = 1 / 0.07
+    assert train.build_model(softmax).config.logit_bias_init is None
+    assert train.build_model(softmax).config.logit_scale_init == pytest.approx(math.log(1 / 0.07))

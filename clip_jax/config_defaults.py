@@ -70,6 +70,9 @@ def base_config() -> ConfigDict:
             # The record field with the caption(s) (None: "captions", a list, or "caption").
             "caption_field": config_dict.placeholder(str),
             "tokenizer": config_dict.placeholder(str),  # sentencepiece .model file
+            # Its id layout: "clip_jax" (pad 0, unk 1, bos 2, eos 3) or "siglip" (SigLIP's shipped
+            # models: pad 0, eos 1); None: read from the model's special ids (clip_jax/data/tokenizer.py).
+            "tokenizer_layout": config_dict.placeholder(str),
             # "array_record" | "webdataset" (img2dataset tar shards read directly) | "tfds"
             "format": "array_record",
             # format "tfds": a TFDS dataset prepared in array_record format, read with
@@ -123,6 +126,12 @@ def base_config() -> ConfigDict:
             # softmax (local rows x gathered columns) | softmax_ring | softmax_dense |
             # sigmoid_ring | sigmoid_dense (SigLIP; adds a learnable logit bias)
             "loss": "softmax",
+            # The sigmoid losses' initial t and b of the logits t x.y + b (None: SigLIP's 10, -10).
+            "sigmoid_init_scale": config_dict.placeholder(float),
+            "sigmoid_init_bias": config_dict.placeholder(float),
+            # Cap on exp(logit_scale) after every update (None: 100 for the softmax losses, as
+            # CLIP; none for the sigmoid ones, as big_vision; inf: no cap).
+            "max_logit_scale": config_dict.placeholder(float),
             # Micro-batches per step; the gradient stays the whole batch's (all negatives).
             "accum_steps": 1,
             # Weights to start from when the workdir has no checkpoint (a checkpoint, i.e.

@@ -104,8 +104,8 @@ def from_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
     config = run_config(workdir)
     tokenizer = tokenizer_path(config, workdir)
     context_length = train.build_model(config).config.text.context_length
-    vocab_size = sp_tokenizer.Tokenizer(tokenizer, context_length).vocab_size
-    model = train.build_model(config, vocab_size)
+    tok = sp_tokenizer.Tokenizer(tokenizer, context_length)
+    model = train.build_model(config, tok.vocab_size)
     step, params = restore_params(workdir, model, step)
     return {
         "config": model.config,
@@ -113,8 +113,8 @@ def from_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
         "step": step,
         "input": workdir,
         "tokenizer": tokenizer,
-        "eos_id": sp_tokenizer.EOS_ID,
-        "bos_id": sp_tokenizer.BOS_ID,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
     }
 
 

@@ -3,7 +3,8 @@
     model = clip_jax.load("/tmp/clip_emoji")             # a run's latest checkpoint
     image_emb = model.encode_image(["cat.png", pil_image])  # [N, E], unit norm
     text_emb = model.encode_text(["a cat", "a dog"])        # [M, E], unit norm
-    probs = model.probabilities(image_emb, text_emb)         # [N, M], softmax over M
+    probs = model.probabilities(image_emb, text_emb)         # [N, M]: softmax over M (CLIP),
+                                                             # per-pair sigmoid (SigLIP)
 
 ``path`` is any of: a clip_jax workdir (``config.json`` + ``checkpoints/``; the latest
 step), a ``params`` export (``python -m clip_jax.export --format=params``, which
@@ -141,6 +142,11 @@ class CLIPModel:
         """exp(logit_scale): the temperature's inverse the model was trained with."""
         return float(np.exp(self.params["logit_scale"]))
 
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP's learned logit bias; None for a model without one (CLIP's softmax)."""
+        return float(self.params["logit_bias"]) if "logit_bias" in self.params else None
+
     def preprocess(self, item: Any) -> np.ndarray:
         """One image (path, bytes, PIL, or uint8 array [H, W, 3]) -> uint8 [S, S, 3]."""
         if isinstance(item, np.ndarray):
@@ -179,8 +185,14 @@ class CLIPModel:
         return self._batched(self._text, self.tokenizer(list(texts)))
 
     def probabilities(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-        """softmax over the texts of ``logit_scale * cosine``: [N, E] x [M, E] -> [N, M]."""
-        return np.asarray(jax.nn.softmax(self.logit_scale * jnp.asarray(image_emb @ text_emb.T), axis=-1))
+        """[N, E] x [M, E] -> [N, M], as the model was trained: a model with a logit bias
+        (SigLIP) gives each pair its own ``sigmoid(logit_scale * cosine + logit_bias)``
+        (rows need not sum to 1: no text, or several, may match); one without (CLIP) a
+        softmax over the texts of ``logit_scale * cosine``."""
+        logits = self.logit_scale * jnp.asarray(image_emb @ text_emb.T)
+        if self.logit_bias is not None:
+            return np.asarray(jax.nn.sigmoid(logits + self.logit_bias))
+        return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
 def load(

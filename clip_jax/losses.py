@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import ring_loss
+from clip_jax import cli, ring_loss
 from clip_jax.sharding import BATCH_AXES
 
 # (image_emb [B, E], text_emb [B, E], scale [], bias []) -> (loss [], metrics {name: []})
@@ -39,6 +39,23 @@ LossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array,
 # SigLIP's initialisation (Zhai et al. 2023): logits t * x.y + b with t = 10, b = -10.
 SIGMOID_LOGIT_SCALE_INIT = math.log(10.0)
 SIGMOID_LOGIT_BIAS_INIT = -10.0
+
+
+def sigmoid_scale_init(train_config) -> float:
+    """The initial logit_scale (log t) of a sigmoid-loss model: log ``train.sigmoid_init_scale``,
+    or SigLIP's log 10."""
+    t = train_config.get("sigmoid_init_scale")
+    if t is None:
+        return SIGMOID_LOGIT_SCALE_INIT
+    if not t > 0:
+        raise cli.UserError(f"config.train.sigmoid_init_scale={t} must be > 0 (the initial t of t x.y + b)")
+    return math.log(t)
+
+
+def sigmoid_bias_init(train_config) -> float:
+    """The initial logit bias b of a sigmoid-loss model: ``train.sigmoid_init_bias``, or SigLIP's -10."""
+    b = train_config.get("sigmoid_init_bias")
+    return SIGMOID_LOGIT_BIAS_INIT if b is None else float(b)
 
 
 def _row_terms(queries, keys, scale, labels):

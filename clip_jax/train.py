@@ -74,8 +74,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
     if config.train.loss in losses.SIGMOID_LOSSES:
         variant = dataclasses.replace(
             variant,
-            logit_scale_init=losses.SIGMOID_LOGIT_SCALE_INIT,
-            logit_bias_init=losses.SIGMOID_LOGIT_BIAS_INIT,
+            logit_scale_init=losses.sigmoid_scale_init(config.train),
+            logit_bias_init=losses.sigmoid_bias_init(config.train),
         )
     return clip.CLIP(
         variant,
@@ -83,6 +83,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
         patch_dropout=config.model.patch_dropout,
         remat=config.model.remat,
         scan=config.model.scan,
+        max_logit_scale=config.train.get("max_logit_scale"),
     )
 
 
@@ -217,7 +218,7 @@ def make_train_step(
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
         (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates))
+        params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates), clip.scale_cap(model))
         grad_norm = optax.global_norm(grads)
         ok = nonfinite.finite(loss, grad_norm)
         params, opt_state = nonfinite.keep_if_finite(ok, params, state.params, opt_state, state.opt_state)
@@ -313,7 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with lock.hold(workdir):
         data = resolve_data(config, workdir)
         context_length = build_model(config).config.text.context_length
-        tokenizer = Tokenizer(data.tokenizer, context_length)
+        tokenizer = Tokenizer(data.tokenizer, context_length, config.data.get("tokenizer_layout"))
         model = build_model(config, tokenizer.vocab_size)
         r = Run(config, workdir, mesh, model, tokenizer, data, jax.process_index() == 0)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from clip_jax.inference import CLIPModel
 from clip_jax.interop import files, hf_siglip
 from clip_jax.models import clip
 
@@ -106,3 +107,33 @@ def test_named_siglip_variant_exports_as_siglip_config():
 def test_a_clip_layout_is_refused_as_siglip():
     with pytest.raises(ValueError, match="SigLIP towers"):
         hf_siglip.tensor_maps(clip.get_variant("tiny"))
+
+
+def test_probabilities_are_siglips_per_pair_sigmoid(tmp_path):
+    """A SigLIP model's `CLIPModel.probabilities` equal transformers' sigmoid(logits_per_image):
+    per pair, not normalised over the texts; a CLIP model's stay a softmax over the texts."""
+    name = "head_width_16"
+    model = randomised(transformers.SiglipModel(hf_config(name)))
+    with torch.no_grad():  # a bias that matters (rows summing to neither 1 nor 0)
+        model.logit_bias.fill_(-2.5)
+        model.logit_scale.fill_(np.log(20.0))
+    model.save_pretrained(tmp_path / "hf")
+    config, params = files.load(str(tmp_path / "hf"))
+    images, tokens = inputs(config.vision.image_size)
+    image_emb, text_emb, _ = our_outputs(config, params, images, tokens)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.from_numpy(tokens.astype(np.int64)),
+            pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+        )
+    expected = torch.sigmoid(out.logits_per_image).numpy()  # [images, texts]
+    ours = CLIPModel(clip.CLIP(config), params, None, "hf").probabilities(image_emb, text_emb)
+    print("SigLIP probabilities: clip_jax vs transformers max |diff|", np.max(np.abs(ours - expected)))
+    np.testing.assert_allclose(ours, expected, atol=2e-6)
+    assert np.all(np.abs(expected.sum(axis=1) - 1) > 0.05)  # not a softmax over the texts
+    # The same embeddings through a model without a bias: softmax over the texts.
+    no_bias = {k: v for k, v in params.items() if k != "logit_bias"}
+    softmax = CLIPModel(clip.CLIP(config), no_bias, None, "x").probabilities(image_emb, text_emb)
+    logits = np.exp(float(params["logit_scale"])) * image_emb @ text_emb.T
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(softmax, expected, rtol=1e-5)

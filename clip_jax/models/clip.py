@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax import cli
 from clip_jax.models import layers, resnet
 from clip_jax.models.resnet import ModifiedResNet, ResNetConfig
 from clip_jax.models.text import TextConfig, TextTransformer
@@ -22,7 +23,7 @@ from clip_jax.models.vit import VisionConfig, VisionTransformer
 
 # The paper's temperature: initialised to 0.07, logits scaled by at most 100.
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
-LOGIT_SCALE_MAX = math.log(100.0)
+MAX_LOGIT_SCALE = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +128,15 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 class CLIP(nn.Module):
     """``patch_dropout`` (FLIP, training only), ``remat`` and ``scan`` change how the
-    towers run, not their weights (``scan`` stacks each tower's blocks into one subtree)."""
+    towers run, not their weights (``scan`` stacks each tower's blocks into one subtree).
+    ``max_logit_scale``: the training cap on exp(logit_scale) (`scale_cap`)."""
 
     config: CLIPConfig
     dtype: layers.Dtype = jnp.float32
     patch_dropout: float = 0.0
     remat: str = "none"
     scan: bool = False
+    max_logit_scale: float | None = None
 
     def setup(self):
         cfg = self.config
@@ -170,9 +173,28 @@ class CLIP(nn.Module):
         return self.encode_image(images, train), self.encode_text(tokens), *self.temperature()
 
 
-def clamp_logit_scale(params: dict) -> dict:
-    """Keeps exp(logit_scale) <= 100 (applied after every update, as CLIP and open_clip do)."""
-    return {**params, "logit_scale": jnp.minimum(params["logit_scale"], LOGIT_SCALE_MAX)}
+def scale_cap(model: CLIP) -> float | None:
+    """The cap on exp(logit_scale) while training ``model``; None: no cap.
+
+    ``model.max_logit_scale`` (``config.train.max_logit_scale``; ``inf``: no cap) when
+    given; else CLIP's 100 for a model without a logit bias (softmax losses), and no cap
+    for one with it (SigLIP: big_vision never clips its learned t, and an imported
+    SigLIP's exp(t) may already exceed 100).
+    """
+    if model.max_logit_scale is not None:
+        if not model.max_logit_scale > 0:
+            limit = model.max_logit_scale
+            raise cli.UserError(f"config.train.max_logit_scale={limit} must be > 0 (inf: no cap)")
+        return None if math.isinf(model.max_logit_scale) else float(model.max_logit_scale)
+    return MAX_LOGIT_SCALE if model.config.logit_bias_init is None else None
+
+
+def clamp_logit_scale(params: dict, max_scale: float | None = MAX_LOGIT_SCALE) -> dict:
+    """Keeps exp(logit_scale) <= ``max_scale`` (applied after every update, as CLIP and
+    open_clip do at 100); ``max_scale`` None: unchanged."""
+    if max_scale is None:
+        return params
+    return {**params, "logit_scale": jnp.minimum(params["logit_scale"], math.log(max_scale))}
 
 
 def dummy_inputs(config: CLIPConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:

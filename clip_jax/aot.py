@@ -33,7 +33,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from clip_jax import cli, losses, optim, sharding, train, validation
+from clip_jax import cli, losses, optim, recipe, sharding, train, validation
 from clip_jax.models import clip
 
 GIB = 1 << 30
@@ -106,7 +106,7 @@ def abstract_inputs(config: ml_collections.ConfigDict, devices: list):
     """(jitted step, abstract sharded TrainState, abstract sharded batch, mesh). Call inside the mesh."""
     mesh = sharding.make_mesh(config.sharding.mesh, devices)
     validation.check_batch(config, mesh)
-    model = train.build_model(config)  # the variant's own vocabulary (no tokenizer file needed)
+    model = recipe.build_model(config)  # the variant's own vocabulary (no tokenizer file needed)
     tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
     # Outside jax.set_mesh: nothing may run on compile-only devices (state_shardings draws a key).
     with nn.logical_axis_rules(sharding.RULES):
@@ -162,7 +162,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: list) -> dict:
 
 def model_flops(config: ml_collections.ConfigDict) -> float:
     """Model FLOPs of one train step: 3 x forward (benchmark.py's formula), FLIP's kept patches."""
-    model = train.build_model(config)
+    model = recipe.build_model(config)
     patches = getattr(model.config.vision, "num_patches", None)  # None: a ResNet tower
     kept = None if patches is None else patches - int(patches * config.model.patch_dropout)
     return 3 * clip.forward_flops_per_pair(model.config, kept) * config.train.batch_size

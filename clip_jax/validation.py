@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from clip_jax import cli, losses, sharding, storage
 from clip_jax.data import mixture, pipeline, records
+from clip_jax.eval import suite
 from clip_jax.interop import overrides
 from clip_jax.models import layers, shapes
 
@@ -47,6 +48,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         section, name = field.split(".")
         value = config[section][name]
         _require(value >= minimum, f"config.{field}={value} must be >= {minimum}")
+    suite.sections(config.eval, has_scenes=bool(config.data.get("scenes")))  # kinds, names, cadences
     _require(config.optim.lr > 0, f"config.optim.lr={config.optim.lr} must be > 0")
     _require(
         config.model.dtype in ("float32", "bfloat16"),

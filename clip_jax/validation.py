@@ -48,7 +48,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         section, name = field.split(".")
         value = config[section][name]
         _require(value >= minimum, f"config.{field}={value} must be >= {minimum}")
-    suite.sections(config.eval, has_scenes=bool(config.data.get("scenes")))  # kinds, names, cadences
+    try:  # the evaluators' kinds, names, cadences and options
+        suite.sections(config.eval, has_scenes=bool(config.data.get("scenes")))
+    except suite.EvaluatorConfigError as e:
+        raise ConfigError(str(e)) from None
     _require(config.optim.lr > 0, f"config.optim.lr={config.optim.lr} must be > 0")
     _require(
         config.model.dtype in ("float32", "bfloat16"),

@@ -121,7 +121,7 @@ def check_data(data: ml_collections.ConfigDict) -> None:
     )
     _check_range("crop_scale", data.crop_scale, 0.0, 1.0)
     _check_range("crop_ratio", data.crop_ratio, 0.0, float("inf"))
-    if data.get("scenes") or data.get("emoji"):  # generated into the workdir by train.resolve_data
+    if data.get("scenes") or data.get("emoji"):  # generated into the workdir by recipe.resolve_data
         return
     if data.get("sources"):
         _require(

@@ -96,12 +96,15 @@ def tiny_demo_eval(**options):
 
 
 @pytest.mark.slow
-def test_the_evaluate_command_line_runs_the_evaluators(trained):
+def test_the_evaluate_command_line_runs_the_evaluators(trained, scenes_dataset):
+    """--config=FILE's eval section; the run's own options give the run's own file name."""
     workdir, _ = trained
     cmd = [sys.executable, "-m", "clip_jax.evaluate", f"--workdir={workdir}", "--evaluators", "--step=2"]
+    cmd += [f"--config={ROOT / 'configs' / 'demo.py'}", "--config.eval.evaluators.scenes.diagnostics=False"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"wrote {workdir}/eval/2_scenes_" in proc.stdout
+    section = suite.sections(tiny_demo(scenes_dataset).eval)["scenes"]  # every differs: same hash
+    assert f"wrote {workdir}/eval/2_scenes_{suite.options_hash(section)}.json" in proc.stdout
     bad = subprocess.run(cmd + ["--task=retrieval"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --evaluators")
 

@@ -33,7 +33,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from clip_jax import chips, cli, losses, optim, sharding, telemetry, train, validation
+from clip_jax import chips, cli, losses, optim, recipe, sharding, telemetry, train, validation
 
 GIB = 1 << 30
 
@@ -109,7 +109,7 @@ def abstract_inputs(config: ml_collections.ConfigDict, devices: list):
     """(jitted step, abstract sharded TrainState, abstract sharded batch, mesh). Call inside the mesh."""
     mesh = sharding.make_mesh(config.sharding.mesh, devices)
     validation.check_batch(config, mesh)
-    model = train.build_model(config)  # the variant's own vocabulary (no tokenizer file needed)
+    model = recipe.build_model(config)  # the variant's own vocabulary (no tokenizer file needed)
     tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
     # Outside jax.set_mesh: nothing may run on compile-only devices (state_shardings draws a key).
     with nn.logical_axis_rules(sharding.RULES):
@@ -165,7 +165,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: list) -> dict:
 
 def model_flops(config: ml_collections.ConfigDict) -> float:
     """Model FLOPs of one train step: 3 x forward (benchmark.py's formula), FLIP's kept patches."""
-    model = train.build_model(config)
+    model = recipe.build_model(config)
     return telemetry.train_flops_per_pair(model.config, config.model.patch_dropout) * config.train.batch_size
 
 

@@ -81,7 +81,7 @@ def bench_jax_step(variant, batch, dtype, loss, steps, patch_dropout=0.0, **mode
     import jax
     import numpy as np
 
-    from clip_jax import losses, optim, sharding, train
+    from clip_jax import losses, optim, recipe, sharding, train
     from clip_jax.config_defaults import base_config
     from clip_jax.models import clip
 
@@ -89,7 +89,7 @@ def bench_jax_step(variant, batch, dtype, loss, steps, patch_dropout=0.0, **mode
     config.model.update(variant=variant, dtype=dtype, patch_dropout=patch_dropout)
     config.model.update({k: v for k, v in model_options.items() if k in ("remat", "scan")})
     config.train.loss = loss
-    model = train.build_model(config)
+    model = recipe.build_model(config)
     tx, schedule = optim.make_optimizer(config.optim, total_steps=1000)
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "model": 1})
     size, length = model.config.vision.image_size, model.config.text.context_length

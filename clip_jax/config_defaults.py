@@ -148,11 +148,10 @@ def base_config() -> ConfigDict:
     )
     c.eval = ConfigDict(
         {
-            "batch_size": 256,
-            "every": 0,  # evaluate every N steps (0: at the end only); the demo's scene evaluation
-            "diagnostics": True,  # counting, spatial relations, binding, size (clip_jax/diagnostics.py)
-            "probes": 200,  # caption pairs per diagnostic
-            "linear_probe": False,
+            "batch_size": 256,  # the global eval batch
+            # Named evaluator sections, each {"kind", "every" (steps; 0: at the end only), options}:
+            # see clip_jax/eval/suite.py. The demo's: {"scenes": {"kind": "scenes", "every": ...}}.
+            "evaluators": ConfigDict({}),
         }
     )
     # TensorBoard event files under WORKDIR/tensorboard (no TensorFlow); W&B when a project is set.

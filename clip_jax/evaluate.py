@@ -5,12 +5,19 @@
     python -m clip_jax.evaluate --workdir=DIR --task=linear_probe --dataset=cifar10
     python -m clip_jax.evaluate --workdir=DIR --task=retrieval --dataset=array_record:'/data/coco-*'
     python -m clip_jax.evaluate --workdir=DIR --task=scenes   # the demo's full suite
+    python -m clip_jax.evaluate --workdir=DIR --evaluators [--step=N|all] [--config=FILE]
 
 ``--dataset``: a TFDS name prepared in array_record format (``cifar10``,
 ``imagenet2012``; class names and templates from `clip_jax.zeroshot_metadata`),
 ``folder:ROOT`` (one folder per class) or ``array_record:GLOB`` (records with
 ``label``; ``--class_names=FILE`` names the classes). Results go to
 ``WORKDIR/eval/STEP_TASK_DATASET.json``. The pieces live in `clip_jax.eval`.
+
+``--evaluators`` runs the recipe's evaluators (``config.eval.evaluators`` of the run's
+``config.json``, or of ``--config=FILE``) through `clip_jax.eval.suite`, as the training
+loop does (same numbers), on ``--step`` (default: the latest; ``all``: every checkpoint).
+Each goes to ``WORKDIR/eval/STEP_NAME_HASH.json``, HASH a short hash of the evaluator's
+kind and options: evaluations with other options do not overwrite each other.
 """
 
 from __future__ import annotations
@@ -18,18 +25,19 @@ from __future__ import annotations
 import os
 import re
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import flags
-from jax.sharding import Mesh
+from ml_collections import config_flags
 
-from clip_jax import cli, diagnostics, storage, zeroshot_metadata
-from clip_jax.data import captions, pipeline, records, scenes, skips
-from clip_jax.data.tokenizer import Tokenizer
+from clip_jax import cli, losses, recipe, sharding, storage, workdir, zeroshot_metadata
+from clip_jax.data import captions, records, skips
+from clip_jax.eval import evaluator, retrieval, scenes_suite, sources, suite
 from clip_jax.eval import linear_probe as probe
-from clip_jax.eval import retrieval, sources
 from clip_jax.eval.encode import Encoder
 from clip_jax.eval.retrieval import recall_at_k, retrieval_metrics
+from clip_jax.eval.table import print_table
 from clip_jax.eval.zeroshot import (
     classification_metrics,
     classifier_weights,
@@ -38,13 +46,12 @@ from clip_jax.eval.zeroshot import (
     ranks,
     topk_accuracy,
 )
-from clip_jax.models import clip
+from clip_jax.interop import openai_resnet
 
 __all__ = [
     "Encoder",
     "classifier_weights",
     "classification_metrics",
-    "evaluate_scenes",
     "mean_per_class_recall",
     "print_table",
     "prompt_sets",
@@ -62,93 +69,6 @@ def zero_shot(encoder, tokenizer, images: np.ndarray, labels: np.ndarray, class_
     return classification_metrics(encoder.images(images) @ weights.T, labels, prefix)
 
 
-def scenes_linear_probe(encoder, image_size: int, seed: int = 0) -> dict:
-    """Linear probes for shape (4-way) and colour (8-way) on frozen features of single things."""
-    data = diagnostics.single_things(1000, image_size, seed)
-    features = encoder.images(data["image"])
-    train_idx, val_idx = probe.validation_split(600, 0.2, seed)
-    test = slice(600, None)
-    out = {}
-    for name, labels in data["labels"].items():
-        train, held = (features[:600], labels[:600]), (features[test], labels[test])
-        result = probe.linear_probe(
-            (train[0][train_idx], train[1][train_idx]),
-            (train[0][val_idx], train[1][val_idx]),
-            held,
-            num_classes=int(labels.max()) + 1,
-        )
-        out[f"linear_probe_{name}_acc"] = result["test_acc"]
-        out[f"linear_probe_{name}_acc_chance"] = result["test_acc_chance"]
-        out[f"linear_probe_{name}_l2"] = result["l2"]
-    return out
-
-
-def evaluate_scenes(
-    model: clip.CLIP,
-    params,
-    tokenizer: Tokenizer,
-    dataset: scenes.ScenesDataset,
-    batch_size: int,
-    mesh: Mesh | None = None,
-    diagnostic_suite: bool = True,
-    linear_probe: bool = False,
-    progress: bool = False,
-    probes: int = 200,
-) -> dict:
-    """The demo's evaluation: zero-shot shape/colour accuracy on held-out combinations,
-    retrieval of held-out scenes, the diagnostic suite and prompt sensitivity
-    (`clip_jax.diagnostics`, ``probes`` images per task), optionally linear probes.
-
-    Returns the metrics with their chance levels (``*_chance``), confusion matrices and
-    the per-template report (nested), and prints a table.
-    """
-    encoder = Encoder(model, params, batch_size, mesh, progress)
-    size = model.config.vision.image_size
-    things = pipeline.load_eval_set([dataset.heldout_things], tokenizer, size)
-    image_emb = encoder.images(things["image"])
-    results: dict = {}
-    for attribute, names, templates in (
-        ("shape", scenes.SHAPES, scenes.SHAPE_TEMPLATES),
-        ("colour", list(scenes.COLOURS), scenes.COLOUR_TEMPLATES),
-    ):
-        weights = classifier_weights(encoder, tokenizer, [scenes.prompts(templates, n) for n in names])
-        labels = things["labels"][attribute]
-        results.update(classification_metrics(image_emb @ weights.T, labels, f"zero_shot_{attribute}_"))
-
-    gallery = pipeline.load_eval_set([dataset.heldout_scenes], tokenizer, size)
-    scene_emb, caption_emb = encoder.images(gallery["image"]), encoder.texts(gallery["tokens"])
-    results.update(retrieval_metrics(scene_emb, caption_emb, np.arange(len(scene_emb))))
-    if diagnostic_suite:
-        results.update(diagnostics.run_suite(encoder, tokenizer, size, probes))
-        results["prompt_sensitivity"] = diagnostics.prompt_sensitivity(
-            encoder, tokenizer, image_emb, things["labels"]
-        )
-    if linear_probe:
-        results.update(scenes_linear_probe(encoder, size))
-    if jax.process_index() == 0:
-        print_table("held-out scenes (never-seen colour+shape pairs) and diagnostics", results)
-    return results
-
-
-def print_table(title: str, results: dict) -> None:
-    """The scalar metrics with their chance levels; nested results are summarised."""
-    rows = [
-        (name, value, results.get(f"{name}_chance", float("nan")))
-        for name, value in results.items()
-        if not name.endswith(("_chance", "_l2")) and isinstance(value, float)
-    ]
-    width = max([len("metric"), *(len(name) for name, _, _ in rows)]) + 2  # the longest name sets it
-    print(f"\n{title}\n{'metric':<{width}}{'value':>8}{'chance':>9}")
-    for name, value, chance in rows:
-        print(f"{name:<{width}}{value:>8.1%}{chance:>9.1%}")
-    for attribute, report in results.get("prompt_sensitivity", {}).items():
-        print(
-            f"prompts ({attribute}): ensemble {report['ensemble']:.1%}, best single "
-            f"{report['best_single']:.1%}, worst {report['worst_single']:.1%}, spread {report['spread']:.1%}"
-        )
-    print(flush=True)
-
-
 # ------------------------------------------------------------------ command line
 
 FLAGS = flags.FLAGS
@@ -159,7 +79,11 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "workdir", None, "A training run's directory (config.json, checkpoints/).", required=True
     )
-    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+    flags.DEFINE_string(
+        "step", None, "Checkpoint step to evaluate (default: the latest; --evaluators: 'all')."
+    )
+    flags.DEFINE_bool("evaluators", False, "Run the recipe's evaluators (config.eval.evaluators).")
+    config_flags.DEFINE_config_file("config", None, "--evaluators: take config.eval from this recipe.")
     flags.DEFINE_enum("task", "zeroshot", ["zeroshot", "retrieval", "linear_probe", "scenes"], "")
     flags.DEFINE_string("dataset", None, "TFDS name, folder:ROOT or array_record:GLOB.")
     flags.DEFINE_string("split", "test", "TFDS split evaluated (linear probe: the test split).")
@@ -178,18 +102,6 @@ NAMED_TEMPLATES = {
     "imagenet_simple": zeroshot_metadata.IMAGENET_SIMPLE_TEMPLATES,
     "cifar": zeroshot_metadata.CIFAR_TEMPLATES,
 }
-
-
-def load_run(workdir: str, step: int | None = None):
-    """(model, params, Tokenizer, step, run config) of a training run's checkpoint."""
-    from clip_jax import export, train  # train imports this module
-
-    config = export.run_config(workdir)
-    path = export.tokenizer_path(config, workdir)
-    tokenizer = Tokenizer(path, train.build_model(config).config.text.context_length)
-    model = train.build_model(config, tokenizer.vocab_size)
-    step, params = export.restore_params(workdir, model, step)
-    return model, params, tokenizer, step, config
 
 
 def load_images(dataset: str, split: str, image_size: int, tokenizer) -> dict:
@@ -232,15 +144,14 @@ def caption_retrieval(encoder, tokenizer, pattern: str, image_size: int) -> dict
     return retrieval.retrieval_metrics(image_emb, text_emb, np.asarray(owner))
 
 
-def run_task(task: str, dataset: str | None, workdir: str) -> dict:
-    model, params, tokenizer, step, config = load_run(workdir, FLAGS.step)
+def run_task(task: str, dataset: str | None, workdir_path: str) -> dict:
+    run = workdir.load(workdir_path, _step(FLAGS.step))
+    model, params, tokenizer, step = run.model, run.params, run.tokenizer, run.step
     encoder = Encoder(model, params, FLAGS.batch_size, progress=True)
     size = model.config.vision.image_size
     if task == "scenes":
-        from clip_jax import train
-
-        data = train.resolve_data(config, workdir).scenes
-        results = evaluate_scenes(
+        data = recipe.resolve_data(run.config, workdir_path).scenes
+        results = scenes_suite.evaluate_scenes(
             model, params, tokenizer, data, FLAGS.batch_size, linear_probe=True, progress=True
         )
     elif task == "retrieval":
@@ -268,13 +179,72 @@ def run_task(task: str, dataset: str | None, workdir: str) -> dict:
     return {"step": step, "task": task, "dataset": dataset, **results}
 
 
+def _step(value: str | None) -> int | None:
+    """--step: None (the latest) or a step number."""
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise cli.UserError(f"--step={value}: a checkpoint step (or 'all' with --evaluators)")
+    return int(value)
+
+
+def run_evaluators(workdir_path: str, step: str | None, eval_config=None) -> dict[int, dict[str, dict]]:
+    """The recipe's evaluators on the run's checkpoints (``step``: None for the latest, a number,
+    or "all"), as the training loop runs them; writes ``eval/STEP_NAME_HASH.json`` per evaluator.
+    Returns {step: {evaluator: metrics}}."""
+    config = workdir.read_config(workdir_path)
+    if eval_config is not None:
+        config.unlock()
+        config.eval = eval_config
+    has_scenes = bool(config.data.get("scenes"))
+    sections = suite.sections(config.eval, has_scenes)
+    if not sections:
+        raise cli.UserError("config.eval.evaluators is empty: nothing to evaluate (see --config=FILE)")
+    steps = workdir.steps(workdir_path) if step == "all" else [_step(step)]
+    mesh = sharding.make_mesh(config.sharding.mesh)
+    out = {}
+    for wanted in steps:
+        run = workdir.load(workdir_path, wanted, config)
+        scenes_dataset = recipe.resolve_data(config, workdir_path).scenes if has_scenes else None
+        size = run.model.config.vision.image_size
+        evaluators = suite.build(config.eval, scenes_dataset=scenes_dataset, image_size=size)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+            ctx = evaluator.EvalContext(
+                model=run.model,
+                variables=openai_resnet.split_variables(run.params),
+                tokenizer=run.tokenizer,
+                mesh=mesh,
+                batch_size=config.eval.batch_size,
+                train_batch_size=config.train.batch_size,
+                loss_fn=losses.make_loss(config.train.loss, mesh),
+                step=run.step,
+                progress=True,
+            )
+            results = {e.name: e(ctx) for e in evaluators}
+        for name, metrics in results.items():
+            path = os.path.join(
+                workdir_path, "eval", f"{run.step}_{name}_{suite.options_hash(sections[name])}.json"
+            )
+            if jax.process_index() == 0:
+                storage.write_json(path, {"step": run.step, "evaluator": name, **metrics})
+                print(f"wrote {path}")
+        out[run.step] = results
+    return out
+
+
 def main(argv):
     del argv
+    if FLAGS.evaluators:
+        if FLAGS.task != "zeroshot" or FLAGS.dataset:  # zeroshot: the flag's default
+            raise cli.UserError("--evaluators runs the recipe's evaluators: give no --task or --dataset")
+        run_evaluators(FLAGS.workdir, FLAGS.step, FLAGS.config.eval if FLAGS.config else None)
+        return
+    if FLAGS.config:
+        raise cli.UserError("--config=FILE is for --evaluators")
     if FLAGS.workdir is None or (FLAGS.task != "scenes" and not FLAGS.dataset):
         raise cli.UserError("--workdir and --dataset are required (--dataset not for --task=scenes)")
     results = run_task(FLAGS.task, FLAGS.dataset, FLAGS.workdir)
-    if FLAGS.task != "scenes":  # evaluate_scenes prints its own table
-        print_table(f"{FLAGS.task} {FLAGS.dataset or ''} (step {results['step']})", results)
+    print_table(f"{FLAGS.task} {FLAGS.dataset or 'scenes'} (step {results['step']})", results)
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", FLAGS.dataset or "scenes").strip("-")
     path = os.path.join(FLAGS.workdir, "eval", f"{results['step']}_{FLAGS.task}_{name}.json")
     storage.write_json(path, results)

@@ -20,17 +20,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import flax.linen as nn
-import jax
-import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from absl import flags, logging
 
-from clip_jax import cli, outputs, storage, train
-from clip_jax.data import tokenizer as sp_tokenizer
+from clip_jax import cli, outputs, storage, workdir
 from clip_jax.interop import files, overrides
-from clip_jax.models import clip
 
 FLAGS = flags.FLAGS
 
@@ -54,67 +47,17 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["out"])
 
 
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run wrote to ``WORKDIR/config.json``."""
-    return ml_collections.ConfigDict(storage.read_json(os.path.join(workdir, "config.json")))
-
-
-def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """The run's sentencepiece model: the copy in the workdir, else (runs from before runs
-    carried one) located as `train.resolve_data` does, without generating data."""
-    carried = os.path.join(workdir, train.TOKENIZER_FILE)
-    if storage.exists(carried):
-        return carried
-    scenes = config.data.get("scenes")
-    if scenes:
-        return os.path.join(scenes.get("dir") or storage.local_dir(workdir, "scenes"), train.TOKENIZER_FILE)
-    return config.data.tokenizer
-
-
-def restore_params(workdir: str, model: clip.CLIP, step: int | None) -> tuple[int, Any]:
-    """(step, weights) from ``WORKDIR/checkpoints``, on one device; only the weights are read.
-
-    The weights are the params, plus ``batch_stats`` for a ResNet tower (the train
-    state's ``model_state``), laid out as `openai_resnet.merge_variables` does.
-    """
-    rng = jax.random.key(0)
-    variables = dict(jax.eval_shape(lambda: model.init(rng, *clip.dummy_inputs(model.config))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    place = lambda tree: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.meta.unbox(tree)
-    )
-    target = {"params": place(variables.pop("params"))}
-    if variables:
-        target["model_state"] = place(variables)
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(f"{workdir}/checkpoints: no step {step} (have {manager.all_steps()})")
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        restored = jax.tree.map(np.asarray, manager.restore(step, args=ocp.args.Composite(state=item)).state)
-    finally:
-        manager.close()
-    return step, {**restored["params"], **restored.get("model_state", {})}
-
-
-def from_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
+def from_workdir(workdir_path: str, step: int | None = None) -> dict[str, Any]:
     """A run's weights: {"config": CLIPConfig, "params", "step", "tokenizer", "eos_id", "bos_id"}."""
-    config = run_config(workdir)
-    tokenizer = tokenizer_path(config, workdir)
-    context_length = train.build_model(config).config.text.context_length
-    tok = sp_tokenizer.Tokenizer(tokenizer, context_length)
-    model = train.build_model(config, tok.vocab_size)
-    step, params = restore_params(workdir, model, step)
+    run = workdir.load(workdir_path, step)
     return {
-        "config": model.config,
-        "params": params,
-        "step": step,
-        "input": workdir,
-        "tokenizer": tokenizer,
-        "eos_id": tok.eos_id,
-        "bos_id": tok.bos_id,
+        "config": run.model.config,
+        "params": run.params,
+        "step": run.step,
+        "input": workdir_path,
+        "tokenizer": run.tokenizer_path,
+        "eos_id": run.tokenizer.eos_id,
+        "bos_id": run.tokenizer.bos_id,
     }
 
 
@@ -171,7 +114,7 @@ def export(
             scan=scan,
         )
         if fmt == "params" and source.get("tokenizer"):  # inference needs the run's tokenizer too
-            storage.copy_file(source["tokenizer"], os.path.join(staged, train.TOKENIZER_FILE))
+            storage.copy_file(source["tokenizer"], os.path.join(staged, workdir.TOKENIZER_FILE))
         size = storage.size(path)
     return {
         "format": fmt,

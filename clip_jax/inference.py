@@ -68,12 +68,12 @@ def load_weights(
     return config, params, tokenizer
 
 
-def _from_workdir(workdir: str, step: int | None) -> tuple[clip.CLIPConfig, dict, str]:
-    """A run's (CLIPConfig, weights, tokenizer file), read by `clip_jax.export.from_workdir`."""
-    from clip_jax import export  # orbax, grain: only for workdirs
+def _from_workdir(path: str, step: int | None) -> tuple[clip.CLIPConfig, dict, str]:
+    """A run's (CLIPConfig, weights, tokenizer file), read by `clip_jax.workdir.load`."""
+    from clip_jax import workdir  # orbax, grain: only for workdirs
 
-    run = export.from_workdir(workdir, step)
-    return run["config"], run["params"], run["tokenizer"]
+    run = workdir.load(path, step)
+    return run.model.config, run.params, run.tokenizer_path
 
 
 def make_tokenizer(path: str, context_length: int) -> Callable[[Sequence[str]], np.ndarray]:

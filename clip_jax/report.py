@@ -45,16 +45,27 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def read_evals(workdir: str) -> dict[str, list[tuple[int, dict]]]:
-    """eval/STEP[_TASK_DATASET].json -> {"" or "TASK_DATASET": [(step, results), ...] by step}."""
+    """eval/STEP[_TASK_DATASET].json -> {"" or "TASK_DATASET": [(step, results), ...] by step}.
+
+    The training loop's eval/STEP.json holds {evaluator: metrics}: one group per evaluator
+    (a run from before evaluators wrote the metrics themselves: group "")."""
     out: dict[str, list] = {}
     for path in storage.glob(os.path.join(workdir, "eval", "*.json")):
         match = re.fullmatch(r"(\d+)_?(.*)\.json", os.path.basename(path))
         if match:
             if (size := storage.size(path)) > MAX_EVAL_BYTES:  # results of a run are kilobytes
                 raise storage.BadFileError(f"{path}: {size} bytes, over {MAX_EVAL_BYTES}; not eval results")
-            results = storage.read_json(path)
-            out.setdefault(match.group(2), []).append((int(match.group(1)), results))
+            results, step = storage.read_json(path), int(match.group(1))
+            if not match.group(2) and _by_evaluator(results):  # the loop's {evaluator: metrics}
+                for name, metrics in results.items():
+                    out.setdefault(name, []).append((step, metrics))
+            else:
+                out.setdefault(match.group(2), []).append((step, results))
     return {k: sorted(v, key=lambda x: x[0]) for k, v in sorted(out.items())}
+
+
+def _by_evaluator(results) -> bool:
+    return isinstance(results, dict) and bool(results) and all(isinstance(v, dict) for v in results.values())
 
 
 def _scalars(results: dict) -> dict[str, float]:
@@ -144,16 +155,19 @@ def class_names_for(key: str):
 
 def scenes_gallery(workdir: str, path: str, queries: int = 4, top: int = 4) -> bool:
     """Top images for a few held-out captions and top captions for a few held-out images."""
-    from clip_jax import evaluate, train
+    from clip_jax import recipe
+    from clip_jax import workdir as workdir_files
     from clip_jax.data import pipeline
     from clip_jax.eval import retrieval
+    from clip_jax.eval.encode import Encoder
 
-    model, params, tokenizer, step, config = evaluate.load_run(workdir)
-    data = train.resolve_data(config, workdir).scenes
+    run = workdir_files.load(workdir)
+    model, params, tokenizer, step = run.model, run.params, run.tokenizer, run.step
+    data = recipe.resolve_data(run.config, workdir).scenes
     if data is None:
         return False
     gallery = pipeline.load_eval_set([data.heldout_scenes], tokenizer, model.config.vision.image_size)
-    encoder = evaluate.Encoder(model, params, 128)
+    encoder = Encoder(model, params, 128)
     sim = encoder.texts(gallery["tokens"]) @ encoder.images(gallery["image"]).T  # [T, N]
     text_top, image_top = retrieval.top_matches(sim, top), retrieval.top_matches(sim.T, 3)
     fig = plt.figure(figsize=(2.2 * top, 2.6 * 2 * queries))

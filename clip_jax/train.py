@@ -23,8 +23,8 @@ from jax.sharding import Mesh
 
 from clip_jax import (
     checkpoint,
-    evaluate,
     goodput,
+    inference,
     lock,
     logs,
     losses,
@@ -32,17 +32,17 @@ from clip_jax import (
     nonfinite,
     optim,
     profiling,
+    recipe,
     sharding,
     storage,
     telemetry,
     validation,
 )
-from clip_jax.data import elastic, emoji_data, mixture, pipeline, scenes, skips, transforms
+from clip_jax.data import elastic, formats, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
-from clip_jax.models import clip, shapes
-
-# A run's sentencepiece model, copied into its workdir at the start.
-TOKENIZER_FILE = "tokenizer.model"
+from clip_jax.eval import evaluator, table
+from clip_jax.models import clip
+from clip_jax.workdir import TOKENIZER_FILE
 
 
 @flax.struct.dataclass
@@ -53,47 +53,6 @@ class TrainState:
     # Variables that are not trained: {"batch_stats": ...} of a ResNet tower's frozen
     # BatchNorm; {} for ViTs.
     model_state: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """Where the data of a run lies, resolved from the config (never written back into it)."""
-
-    train_files: list[str]
-    tokenizer: str
-    scenes: scenes.ScenesDataset | None = None
-    sources: tuple[mixture.Source, ...] = ()  # a weighted mixture (then train_files: all their files)
-
-
-def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> clip.CLIP:
-    """The model of ``config.model``; ``vocab_size`` (the tokenizer's) replaces the variant's.
-
-    A sigmoid loss gives the model SigLIP's learnable bias and temperature init.
-    """
-    variant = model_shape(config, vocab_size)
-    if config.train.loss in losses.SIGMOID_LOSSES:
-        variant = dataclasses.replace(
-            variant,
-            logit_scale_init=losses.sigmoid_scale_init(config.train),
-            logit_bias_init=losses.sigmoid_bias_init(config.train),
-        )
-    return clip.CLIP(
-        variant,
-        dtype=jnp.dtype(config.model.dtype),
-        patch_dropout=config.model.patch_dropout,
-        remat=config.model.remat,
-        scan=config.model.scan,
-        max_logit_scale=config.train.get("max_logit_scale"),
-    )
-
-
-def model_shape(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> clip.CLIPConfig:
-    """``config.model.variant`` with the overrides ``model.vision``, ``model.text``, ``model.embed_dim``."""
-    m = config.model
-    return shapes.from_sections(
-        m.variant, m.get("vision"), m.get("text"), m.get("embed_dim"),
-        vocab_size=vocab_size, context_length=m.context_length,
-    )  # fmt: skip
 
 
 def init_state(model: clip.CLIP, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -245,45 +204,6 @@ def compile_train_step(step_fn, state_shardings_, mesh: Mesh):
     )
 
 
-def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
-    """Generates the synthetic scenes when the config asks for them; else checks the paths.
-
-    Generated scenes are not replaced under a run that has checkpoints: their data would
-    change under it (DataChangedError, before anything is written).
-    """
-    data = config.data
-    if data.get("scenes"):
-        spec = data.scenes
-        directory = spec.dir or storage.local_dir(workdir, "scenes")
-        sizes = {
-            "num_train": spec.num_train,
-            "num_heldout_things": spec.num_heldout_things,
-            "num_heldout_scenes": spec.num_heldout_scenes,
-            "image_size": model_shape(config).vision.image_size,
-            "vocab_size": spec.vocab_size,
-        }
-        recorded = scenes.recorded_spec(directory)
-        wanted = scenes.dataset_spec(seed=spec.seed, **sizes)
-        if recorded not in (None, wanted) and checkpoint.has_steps(os.path.join(workdir, "checkpoints")):
-            changed = ", ".join(
-                f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v
-            )
-            raise checkpoint.DataChangedError(
-                f"{directory} holds the scenes this run was trained on ({changed}); regenerating them "
-                "would change its data. Use a new --workdir, or config.data.scenes.dir for the new scenes."
-            )
-        dataset = scenes.ensure_dataset(directory, seed=spec.seed, **sizes)
-        return DataSpec(dataset.train_files, dataset.tokenizer, dataset)
-    if data.get("emoji"):  # the emoji demo: made in WORKDIR/data, under the same rule as the scenes
-        has_steps = checkpoint.has_steps(os.path.join(workdir, "checkpoints"))
-        dataset = emoji_data.resolve(config, workdir, model_shape(config).vision.image_size, has_steps)
-        return DataSpec(dataset.train_files, dataset.tokenizer)
-    sources = validation.data_sources(config)
-    if sources:
-        return DataSpec([f for s in sources for f in s.files], data.tokenizer, sources=tuple(sources))
-    return DataSpec(validation.data_files(config), data.tokenizer)
-
-
 @dataclasses.dataclass
 class Run:
     """What the loop needs, built once by `run` from the config."""
@@ -293,8 +213,9 @@ class Run:
     mesh: Mesh
     model: clip.CLIP
     tokenizer: Tokenizer
-    data: DataSpec
+    data: recipe.DataSpec
     primary: bool
+    evaluators: list[evaluator.Evaluator] = dataclasses.field(default_factory=list)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -312,11 +233,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.sharding.mesh)
     validation.check_batch(config, mesh)
     with lock.hold(workdir):
-        data = resolve_data(config, workdir)
-        context_length = build_model(config).config.text.context_length
-        tokenizer = Tokenizer(data.tokenizer, context_length, config.data.get("tokenizer_layout"))
-        model = build_model(config, tokenizer.vocab_size)
-        r = Run(config, workdir, mesh, model, tokenizer, data, jax.process_index() == 0)
+        built = recipe.build(config, workdir)
+        r = Run(
+            config,
+            workdir,
+            mesh,
+            built.model,
+            built.tokenizer,
+            built.data,
+            jax.process_index() == 0,
+            recipe.evaluators(config, built),
+        )
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
             try:
                 result = _run(r, recorder)
@@ -336,7 +263,7 @@ def _run(r: Run, recorder: goodput.Recorder) -> dict[str, Any]:
         log_model_summary(abstract, r.mesh)
     skipped = skips.SkipCounter(config.data.max_skip_fraction)
     image_size = r.model.config.vision.image_size
-    batches = pipeline.from_config(
+    batches = formats.from_config(
         config.data,
         r.data.train_files,
         r.tokenizer,
@@ -389,9 +316,11 @@ def _run(r: Run, recorder: goodput.Recorder) -> dict[str, Any]:
                 result = train_loop(r, state, step_fn, batches, *loop_args)
         finally:
             checkpoints.close()
-        if r.data.scenes is not None and not result["preempted"]:
-            with recorder.phase("eval"):
-                result["eval"] = evaluate_and_log(r, result["state"], config.train.total_steps, logger)
+        resumed_at_end = not result["preempted"] and "eval" not in result  # the loop ran no step
+        if resumed_at_end and (
+            evals := evaluate_due(r, result["state"], config.train.total_steps, logger, recorder)
+        ):
+            result["eval"] = evals
     return result
 
 
@@ -413,8 +342,6 @@ def initial_state(r: Run, tx, checkpoints, abstract, shardings, batches, recorde
     init = jax.jit(lambda rng: init_state(r.model, tx, rng), out_shardings=shardings)
     state = init(jax.random.key(r.config.train.seed))
     if r.config.train.init_from:
-        from clip_jax import inference  # here: it imports train for workdirs
-
         overrides = r.config.train.get("init_from_overrides")
         params, model_state = inference.matching_variables(
             r.config.train.init_from, state.params, state.model_state, overrides
@@ -429,12 +356,11 @@ def initial_state(r: Run, tx, checkpoints, abstract, shardings, batches, recorde
 def train_loop(
     r: Run, state, step_fn, batches, checkpoints, logger, skipped, recorder, profiler
 ) -> dict[str, Any]:
-    """Steps to ``train.total_steps``: log, save on the cadence, evaluate every ``eval.every``,
+    """Steps to ``train.total_steps``: log, save on the cadence, run the evaluators that are due,
     and on a SIGTERM save at the step all processes agree on and stop. ``recorder`` (goodput)
     times the data wait, saves and evaluations; ``profiler`` traces its window of steps."""
     config, total_steps = r.config, r.config.train.total_steps
     result, step_metrics, preempted = {"train": None}, None, False
-    every = config.eval.every if r.data.scenes is not None else 0
     first_step = int(state.step) + 1
     watch = nonfinite.Watch(config.train.max_nonfinite_steps, checkpoints.latest_step)
     recorder.switch("train")
@@ -461,9 +387,8 @@ def train_loop(
         if preempted:
             print(f"preempted: saved step {step}, exiting", flush=True)
             break
-        if every and step % every == 0 and step != total_steps:  # the final one follows the loop
-            with recorder.phase("eval"):
-                evaluate_and_log(r, state, step, logger)
+        if evals := evaluate_due(r, state, step, logger, recorder):
+            result["eval"] = evals
     watch.flush()
     if not preempted and checkpoints.latest_step() != total_steps:
         with recorder.phase("checkpoint"):
@@ -472,23 +397,40 @@ def train_loop(
     return {**result, "state": state, "preempted": preempted}
 
 
-def evaluate_and_log(r: Run, state: TrainState, step: int, logger) -> dict:
-    """The demo's scene evaluation of ``state``: WORKDIR/eval/STEP.json and the summaries."""
-    results = evaluate.evaluate_scenes(
-        r.model,
-        {"params": state.params, **state.model_state},
-        r.tokenizer,
-        r.data.scenes,
-        r.config.eval.batch_size,
-        r.mesh,
-        diagnostic_suite=r.config.eval.diagnostics,
-        probes=r.config.eval.probes,
-        linear_probe=r.config.eval.linear_probe,
+def evaluate_due(r: Run, state: TrainState, step: int, logger, recorder: goodput.Recorder) -> dict:
+    """Runs the evaluators due at ``step`` on ``state`` (every process); writes
+    ``WORKDIR/eval/STEP.json`` as {evaluator: metrics} and the summaries as ``NAME/metric``.
+    Returns {evaluator: metrics} ({} when none is due). The time counts as goodput's "eval"."""
+    due = [e for e in r.evaluators if evaluator.due(e, step, r.config.train.total_steps)]
+    if not due:
+        return {}
+    with recorder.phase("eval"):
+        return _evaluate(r, state, step, logger, due)
+
+
+def _evaluate(r: Run, state: TrainState, step: int, logger, due: list) -> dict:
+    ctx = evaluator.EvalContext(
+        model=r.model,
+        variables={"params": state.params, **state.model_state},
+        tokenizer=r.tokenizer,
+        mesh=r.mesh,
+        batch_size=r.config.eval.batch_size,
+        train_batch_size=r.config.train.batch_size,
+        loss_fn=losses.make_loss(r.config.train.loss, r.mesh),
+        step=step,
     )
+    results = {e.name: e(ctx) for e in due}
     if r.primary:
+        for name, metrics_ in results.items():
+            table.print_table(f"{name} (step {step})", metrics_)
         write_eval(r.workdir, step, results)
-        logger.write_eval(step, results)
+        logger.write_eval(step, flat_metrics(results))
     return results
+
+
+def flat_metrics(results: dict[str, dict]) -> dict:
+    """{evaluator: {metric: value}} -> {"evaluator/metric": value} (the summaries' names)."""
+    return {f"{name}/{k}": v for name, metrics_ in results.items() for k, v in metrics_.items()}
 
 
 def log_model_summary(abstract: TrainState, mesh: Mesh) -> None:

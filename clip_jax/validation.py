@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from clip_jax import cli, losses, sharding, storage
 from clip_jax.data import mixture, pipeline, records
+from clip_jax.eval import suite
 from clip_jax.interop import overrides
 from clip_jax.models import layers, shapes
 
@@ -49,6 +50,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         section, name = field.split(".")
         value = config[section][name]
         _require(value >= minimum, f"config.{field}={value} must be >= {minimum}")
+    try:  # the evaluators' kinds, names, cadences and options
+        suite.sections(config.eval, has_scenes=bool(config.data.get("scenes")))
+    except suite.EvaluatorConfigError as e:
+        raise ConfigError(str(e)) from None
     _require(config.optim.lr > 0, f"config.optim.lr={config.optim.lr} must be > 0")
     _require(
         config.model.dtype in ("float32", "bfloat16"),
@@ -118,7 +123,7 @@ def check_data(data: ml_collections.ConfigDict) -> None:
     )
     _check_range("crop_scale", data.crop_scale, 0.0, 1.0)
     _check_range("crop_ratio", data.crop_ratio, 0.0, float("inf"))
-    if data.get("scenes") or data.get("emoji"):  # generated into the workdir by train.resolve_data
+    if data.get("scenes") or data.get("emoji"):  # generated into the workdir by recipe.resolve_data
         return
     if data.get("sources"):
         _require(

@@ -36,5 +36,10 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.1
     c.sharding.mesh = {"data": -1, "fsdp": 1, "model": 1}
     c.eval.batch_size = 128
+    # The scene evaluation (clip_jax/eval/scenes_suite.py): every N steps (0: at the end only);
+    # diagnostics: counting, spatial relations, binding, size; probes: caption pairs per diagnostic.
+    c.eval.evaluators = ConfigDict(
+        {"scenes": {"kind": "scenes", "every": 0, "diagnostics": True, "probes": 200, "linear_probe": False}}
+    )
     c.checkpoint.every = 100
     return c.lock()

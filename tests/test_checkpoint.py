@@ -13,7 +13,7 @@ import pytest
 from conftest import load_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from clip_jax import checkpoint, sharding, train
+from clip_jax import checkpoint, recipe, sharding, train
 from clip_jax.data import elastic
 
 
@@ -270,7 +270,7 @@ def test_a_checkpoint_saved_on_4_devices_restores_on_8_bitwise_equal(tmp_path, s
     """The real train state (tiny CLIP + AdamW), FSDP over 4 devices -> over 8."""
     shift_floats = lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x + 3  # non-zero moments
     config = load_config("demo")
-    model = train.build_model(config, vocab_size=128)
+    model = recipe.build_model(config, vocab_size=128)
     tx, _ = train.optim.make_optimizer(config.optim, 10)
     mesh4 = sharding.make_mesh({"data": 1, "fsdp": -1, "model": 1}, devices=jax.devices()[:4])
     mesh8 = sharding.make_mesh({"data": 1, "fsdp": -1, "model": 1})

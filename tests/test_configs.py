@@ -4,7 +4,7 @@ import jax
 import pytest
 from conftest import CONFIGS_DIR, load_config
 
-from clip_jax import train, validation
+from clip_jax import recipe, train, validation
 from clip_jax.models import clip
 
 CONFIGS = sorted(p.stem for p in CONFIGS_DIR.glob("*.py"))
@@ -20,7 +20,7 @@ def with_data(config):
 def test_config_builds_at_full_size(name):
     config = with_data(load_config(name))
     validation.check_config(config)
-    model = train.build_model(config)
+    model = recipe.build_model(config)
     tx, _ = train.optim.make_optimizer(config.optim, config.train.total_steps)
     state = jax.eval_shape(lambda: train.init_state(model, tx, jax.random.key(0)))
     count = sum(x.size for x in jax.tree.leaves(state.params))
@@ -35,7 +35,7 @@ def test_b16_is_the_paper_recipe():
     assert config.train.total_steps * config.train.batch_size == 32 * 400_000_000
     o = config.optim
     assert (o.lr, o.weight_decay, o.b1, o.b2, o.eps, o.warmup_steps) == (5e-4, 0.2, 0.9, 0.98, 1e-6, 2000)
-    model = train.build_model(config)
+    model = recipe.build_model(config)
     state = jax.eval_shape(lambda: model.init(jax.random.key(0), *clip.dummy_inputs(model.config)))
     params = jax.tree.leaves(train.nn.meta.unbox(state["params"]))
     assert sum(x.size for x in params) == 149_620_737

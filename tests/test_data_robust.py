@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.data import pipeline, records, skips, tokenizer, transforms, watchdog
+from clip_jax.data import formats, pipeline, records, skips, tokenizer, transforms, watchdog
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -173,8 +173,8 @@ def test_config_selects_the_reader(tmp_path, tok):
     files, _ = _mixed_records(tmp_path, num_good=16, bad_every=100)
     data = base_config().data
     counter = skips.SkipCounter()
-    it = pipeline.from_config(data, files, tok, 16, 4, counter)
+    it = formats.from_config(data, files, tok, 16, 4, counter)
     assert next(it)["image"].shape == (4, 16, 16, 3) and counter.drawn == 4
     data.format = "tfrecord"
     with pytest.raises(ValueError, match="config.data.format='tfrecord'"):
-        pipeline.from_config(data, files, tok, 16, 4, counter)
+        formats.from_config(data, files, tok, 16, 4, counter)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax import config_defaults, train, validation
-from clip_jax.data import pipeline, skips, tfds_source, tokenizer
+from clip_jax import config_defaults, recipe, train, validation, workdir
+from clip_jax.data import formats, skips, tfds_source, tokenizer
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -102,11 +102,11 @@ def test_training_epoch_from_config_reads_each_record_once_and_counts_the_bad_on
     data_dir, tok = prepared
     config = tfds_config(data_dir, tok, caption_key="caption")
     validation.check_config(config)
-    spec = train.resolve_data(config, str(data_dir))  # the split's files, for the fingerprint
+    spec = recipe.resolve_data(config, str(data_dir))  # the split's files, for the fingerprint
     assert spec.train_files == tfds_source.split_files(tfds_source.TfdsSpec.from_config(config.data))
     counter = skips.SkipCounter(0.5)
     tk = tokenizer.Tokenizer(tok, 12)
-    it = pipeline.from_config(config.data, spec.train_files, tk, SIZE, NUM_TRAIN // 4, counter)
+    it = formats.from_config(config.data, spec.train_files, tk, SIZE, NUM_TRAIN // 4, counter)
     batches = [next(it) for _ in range(4)]  # one epoch
     keys = [int(img[0, 0, 0]) for b in batches for img in b["image"]]
     assert all(b["image"].shape == (6, SIZE, SIZE, 3) and b["tokens"].shape == (6, 12) for b in batches)
@@ -158,7 +158,7 @@ def test_tfds_data_that_does_not_fit_is_named(prepared, overrides, match):
     config = tfds_config(data_dir, tok, **overrides)
     validation.check_config(config)
     with pytest.raises(validation.ConfigError, match=match):
-        train.resolve_data(config, str(data_dir))
+        recipe.resolve_data(config, str(data_dir))
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,8 @@ def test_train_run_on_a_tfds_split(prepared, tmp_path):
     from clip_jax import evaluate
     from clip_jax.eval import sources
 
-    model, params, tok_, _, _ = evaluate.load_run(str(tmp_path))
+    run = workdir.load(str(tmp_path))
+    model, params, tok_ = run.model, run.params, run.tokenizer
     data = sources.tfds("clip_jax_tiny", "test", model.config.vision.image_size, tok_, data_dir)
     assert data["class_names"] == [n.replace("_", " ") for n in NAMES]
     encoder = evaluate.Encoder(model, params, batch_size=4)

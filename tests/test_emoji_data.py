@@ -1,4 +1,4 @@
-"""The emoji demo's data follows the scenes' rule (train.resolve_data): made in WORKDIR/data under
+"""The emoji demo's data follows the scenes' rule (recipe.resolve_data): made in WORKDIR/data under
 the run's lock; the same spec writes nothing; another spec is remade (a new tokenizer for a new
 vocab_size) unless the run has checkpoints, when it is refused and the data left byte-identical."""
 
@@ -11,7 +11,7 @@ from conftest import load_config
 from PIL import Image
 from test_workdir_safety import tree_hashes
 
-from clip_jax import checkpoint, train
+from clip_jax import checkpoint, recipe
 from clip_jax.data import emoji_data
 
 WORDS = ["red", "green", "blue", "cat", "dog", "fox", "sun", "moon", "star", "tree", "leaf", "rock"]
@@ -54,11 +54,11 @@ def test_a_changed_spec_under_a_run_with_checkpoints_is_refused(tmp_path):
     config.data.emoji.heldout_fraction = 0.25
     config.data.emoji.vocab_size = 40
     workdir = tmp_path / "run"
-    spec = train.resolve_data(config, str(workdir))
+    spec = recipe.resolve_data(config, str(workdir))
     assert os.path.exists(spec.tokenizer) and spec.train_files[0].startswith(str(workdir / "data"))
     (workdir / "checkpoints" / "2").mkdir(parents=True)
     before = tree_hashes(workdir)
     config.data.emoji.vocab_size = 60
     with pytest.raises(checkpoint.DataChangedError, match="vocab_size: 40 -> 60"):
-        train.resolve_data(config, str(workdir))
+        recipe.resolve_data(config, str(workdir))
     assert tree_hashes(workdir) == before

@@ -209,13 +209,14 @@ def test_evaluate_scenes_on_an_untrained_tiny_model(scenes_dataset, capsys):
     import jax
 
     from clip_jax.data.tokenizer import Tokenizer
+    from clip_jax.eval import scenes_suite
     from clip_jax.models import clip
 
     tokenizer = Tokenizer(scenes_dataset.tokenizer, 16)
     model = clip.CLIP(clip.get_variant("tiny", vocab_size=tokenizer.vocab_size, context_length=16))
     params = model.init(jax.random.key(0), *clip.dummy_inputs(model.config))["params"]
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
-    results = evaluate.evaluate_scenes(model, params, tokenizer, scenes_dataset, 64, probes=16)
+    results = scenes_suite.evaluate_scenes(model, params, tokenizer, scenes_dataset, 64, probes=16)
     assert results["zero_shot_shape_top1_chance"] == 0.25 and len(results["zero_shot_shape_confusion"]) == 4
     assert np.sum(results["zero_shot_colour_confusion"]) == 64
     assert results["t2i_R@1_chance"] == pytest.approx(1 / 64) and "i2t_R@10" in results

@@ -314,6 +314,7 @@ def tiny_run(workdir: str):
     )  # fmt: skip
     config = load_config("demo")
     config.data.scenes = None
+    config.eval.evaluators = {}  # the demo's scene evaluator needs the scenes
     config.data.update(train_files=",".join(data.train_files), tokenizer=data.tokenizer)
     config.train.update(batch_size=16, total_steps=2, log_every=1)
     config.optim.warmup_steps = 1

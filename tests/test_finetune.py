@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from clip_jax import inference, optim, train, validation
+from clip_jax import inference, optim, recipe, train, validation
 from clip_jax.config_defaults import base_config
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.interop import files, mapping
@@ -104,7 +104,7 @@ def export(tmp_path_factory, scenes_dataset):
     """A params export of a randomly initialised tiny model, with the scenes tokenizer."""
     config = lit_config(scenes_dataset)
     vocab = Tokenizer(scenes_dataset.tokenizer, 16).vocab_size
-    model = train.build_model(config, vocab)
+    model = recipe.build_model(config, vocab)
     variables = jax.jit(model.init)(jax.random.key(7), *clip.dummy_inputs(model.config))
     params = jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
     out = str(tmp_path_factory.mktemp("export"))

@@ -25,6 +25,7 @@ from test_checkpoint import Crash, assert_trees_bitwise_equal, crashing_compile,
 from clip_jax import checkpoint, export, sharding, storage, train, validation
 from clip_jax.data import webdataset
 from clip_jax.interop import files, mapping
+from clip_jax.workdir import TOKENIZER_FILE
 
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 pytest.importorskip("gcsfs")
@@ -92,7 +93,8 @@ def small_demo(scenes_dataset, total_steps):
     config.train.update(batch_size=32, total_steps=total_steps, log_every=1)
     config.optim.warmup_steps = 2
     config.checkpoint.every = 2
-    config.eval.update(diagnostics=False, batch_size=64)
+    config.eval.batch_size = 64
+    config.eval.evaluators.scenes.diagnostics = False
     return config
 
 
@@ -123,7 +125,7 @@ def test_a_gs_workdir_trains_resumes_bitwise_and_exports(gcs, scenes_dataset, tm
     steps = [json.loads(line)["step"] for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the first run's lines to its checkpoint kept, the second's added
     assert "eval/6.json" in storage.files_under(workdir)
-    carried = storage.read_bytes(f"{workdir}/{train.TOKENIZER_FILE}")
+    carried = storage.read_bytes(f"{workdir}/{TOKENIZER_FILE}")
     assert carried == pathlib.Path(scenes_dataset.tokenizer).read_bytes()
 
     # Export from the bucket into the bucket; read back, equal to the trained params.

@@ -9,7 +9,8 @@ import pytest
 from absl import flags
 from test_train import SMALL_SCENES, run_main
 
-from clip_jax import evaluate, logs
+from clip_jax import logs
+from clip_jax.eval import table
 
 # absl's log line prefix: "I1206 12:42:27.428441 140308860152704 file.py:701] ..."
 ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w.]+:\d+\]")
@@ -55,7 +56,7 @@ def test_the_evaluation_table_is_aligned_whatever_the_names(capsys):
         "mid_name_recall": 1.0,
         "mid_name_recall_chance": 0.5,
     }
-    evaluate.print_table("title", results)
+    table.print_table("title", results)
     lines = [line for line in capsys.readouterr().out.splitlines()[2:] if line]
     assert [line.split()[0] for line in lines] == ["metric", *(k for k in results if "chance" not in k)]
     # Every column ends at the same place on every line.

@@ -39,7 +39,7 @@ def worker(out: str, coordinator: str | None = None, num_processes: int = 1, pro
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from clip_jax import losses, optim, sharding, train
+    from clip_jax import losses, optim, recipe, sharding, train
 
     spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
@@ -49,7 +49,7 @@ def worker(out: str, coordinator: str | None = None, num_processes: int = 1, pro
     config.train.batch_size = BATCH
     config.optim.warmup_steps = 1
     mesh = sharding.make_mesh(config.sharding.mesh)
-    model = train.build_model(config, vocab_size=128)
+    model = recipe.build_model(config, vocab_size=128)
     tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         abstract, shardings = train.state_shardings(model, tx, mesh)

@@ -358,13 +358,13 @@ def test_tiny_rn_learns_with_frozen_batch_norm():
 
 def test_resnet_tower_trains_through_the_train_step_with_frozen_batch_norm():
     """tiny-rn through train.make_train_step: params move, the BatchNorm statistics do not."""
-    from clip_jax import optim, train
+    from clip_jax import optim, recipe, train
     from clip_jax.config_defaults import base_config
 
     config = base_config()
     config.model.update(variant="tiny-rn", dtype="float32")
     config.optim.update(lr=3e-4, warmup_steps=0, weight_decay=0.0)
-    model = train.build_model(config)
+    model = recipe.build_model(config)
     tx, schedule = optim.make_optimizer(config.optim, total_steps=100)
     mesh = sharding.make_mesh({"data": 2}, jax.devices()[:2])
     rng = np.random.default_rng(0)

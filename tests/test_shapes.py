@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import train, validation
+from clip_jax import recipe, validation
 from clip_jax.config_defaults import base_config
 from clip_jax.interop import files
 from clip_jax.models import clip, layers, shapes
@@ -69,7 +69,7 @@ def config_with(variant="tiny", **sections):
 def test_overrides_replace_fields_of_the_variant():
     c = config_with(vision=dict(head_width=16, mlp_dim=200, pooling="map", class_token=False))
     c.model.text.causal, c.model.embed_dim = False, 64
-    shape = train.model_shape(c)
+    shape = recipe.model_shape(c)
     assert (shape.vision.heads, shape.vision.mlp_hidden, shape.embed_dim) == (8, 200, 64)
     assert shape.vision.layers == clip.get_variant("tiny").vision.layers  # untouched fields stay
     params = abstract_params(shape)
@@ -78,7 +78,7 @@ def test_overrides_replace_fields_of_the_variant():
 
 
 def test_no_override_is_the_variant_itself():
-    assert train.model_shape(config_with()) == clip.get_variant("tiny")
+    assert recipe.model_shape(config_with()) == clip.get_variant("tiny")
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from clip_jax import inference, train
+from clip_jax import inference, recipe, train
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.interop import big_vision, files
 from clip_jax.models import clip
@@ -39,7 +39,7 @@ def siglip_config(scenes_dataset, **train_overrides):
 @pytest.mark.slow
 def test_lit_from_a_big_vision_npz_keeps_the_image_tower_bitwise(tmp_path, scenes_dataset, capsys):
     config = siglip_config(scenes_dataset)
-    model = train.build_model(config, Tokenizer(scenes_dataset.tokenizer, 16).vocab_size)
+    model = recipe.build_model(config, Tokenizer(scenes_dataset.tokenizer, 16).vocab_size)
     variables = jax.jit(model.init)(jax.random.key(7), *clip.dummy_inputs(model.config))
     params = jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
     weights, _ = files.save(str(tmp_path / "bv"), params, model.config, "big_vision", eos_id=1, bos_id=0)

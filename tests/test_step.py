@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import losses, sharding, train
+from clip_jax import losses, recipe, sharding, train
 from clip_jax.config_defaults import base_config
 from clip_jax.models import clip, layers
 from clip_jax.models.vit import drop_patches
@@ -40,7 +40,7 @@ def test_accumulated_gradient_equals_whole_batch(loss_name):
     config = base_config()
     config.model.update(variant="tiny", dtype="float32")
     config.train.loss = loss_name
-    model = train.build_model(config)
+    model = recipe.build_model(config)
     params = init_params(model)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
     images, tokens = random_inputs(32)
@@ -128,11 +128,11 @@ def test_sigmoid_loss_gives_the_model_siglip_bias_and_temperature():
     config = base_config()
     config.model.variant = "tiny"
     config.train.loss = "sigmoid_ring"
-    params = init_params(train.build_model(config))
+    params = init_params(recipe.build_model(config))
     assert float(params["logit_bias"]) == -10.0
     assert float(params["logit_scale"]) == pytest.approx(math.log(10.0))
     config.train.loss = "softmax"
-    assert "logit_bias" not in init_params(train.build_model(config))
+    assert "logit_bias" not in init_params(recipe.build_model(config))
 
 
 def test_config_checks_accumulation_and_execution_options():

@@ -51,7 +51,7 @@ def test_short_demo_run_trains_and_writes_metrics(tmp_path, scenes_dataset):
     assert last < first - 0.5, (first, last)  # ln(64) = 4.16 at the start
     assert "mesh {'data': 8, 'fsdp': 1, 'model': 1}" in proc.stdout
     with open(tmp_path / "eval" / "40.json") as f:
-        results = json.load(f)
+        results = json.load(f)["scenes"]  # {evaluator: metrics}
     assert {"zero_shot_shape_top1", "zero_shot_colour_top1", "t2i_R@1", "t2i_R@5"} <= set(results)
     assert "ETA" in proc.stdout and "held-out scenes" in proc.stdout
 
@@ -84,7 +84,7 @@ def test_demo_reaches_far_above_chance_on_held_out_scenes(tmp_path):
     proc = run_main(tmp_path, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(next((tmp_path / "eval").glob("*.json"))) as f:
-        results = json.load(f)
+        results = json.load(f)["scenes"]
     for name in ("zero_shot_shape_top1", "zero_shot_colour_top1"):
         assert results[name] > 2 * results[f"{name}_chance"], results
     assert results["t2i_R@1"] > 20 * results["t2i_R@1_chance"], results

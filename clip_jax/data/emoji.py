@@ -20,18 +20,20 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from clip_jax import cli, evaluate, sharding, storage, train
-from clip_jax.data import pipeline, records, tokenizer
+from clip_jax import cli, recipe, sharding, storage, train
+from clip_jax.data import pipeline, records
+from clip_jax.eval.encode import Encoder
+from clip_jax.eval.retrieval import recall_at_k
 
 
 def heldout_retrieval(model, params, tok, heldout_file: str, batch_size: int, mesh) -> dict[str, float]:
     """Text->image R@1/R@5 of every held-out caption against all held-out images, with chance."""
     gallery = pipeline.load_eval_set([heldout_file], tok, model.config.vision.image_size)
-    encoder = evaluate.Encoder(model, params, batch_size, mesh)
+    encoder = Encoder(model, params, batch_size, mesh)
     similarity = encoder.texts(gallery["tokens"]) @ encoder.images(gallery["image"]).T
     n = len(similarity)
     results = {"heldout_pairs": n}
-    for name, value in evaluate.recall_at_k(similarity, np.arange(n), (1, 5)).items():
+    for name, value in recall_at_k(similarity, np.arange(n), (1, 5)).items():
         results[f"t2i_{name}"] = value
         results[f"t2i_{name}_chance"] = int(name.split("@")[1]) / n
     return results
@@ -44,14 +46,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/clip_emoji", "Where data, checkp
 def main(argv):
     del argv
     config = _CONFIG.value
-    # train.run makes WORKDIR/data (train.resolve_data -> resolve) under the workdir's lock,
+    # train.run makes WORKDIR/data (recipe.resolve_data -> resolve) under the workdir's lock,
     # after deciding whether the run may change it.
     result = train.run(config, _WORKDIR.value)
-    context_length = train.build_model(config).config.text.context_length
     directory = storage.local_dir(_WORKDIR.value, "data")
     heldout_file = records.shard_paths(os.path.join(directory, "heldout"), 1)[0]
-    tok = tokenizer.Tokenizer(os.path.join(directory, "tokenizer.model"), context_length)
-    model = train.build_model(config, tok.vocab_size)
+    model, tok = recipe.model_and_tokenizer(config, os.path.join(directory, "tokenizer.model"))
     mesh = sharding.make_mesh(config.sharding.mesh)
     with jax.set_mesh(mesh):
         results = heldout_retrieval(model, result["state"].params, tok, heldout_file, 128, mesh)

@@ -77,13 +77,14 @@ class ZeroShotEvaluator:
     class_names: str | None = None
     label_key: str | None = None
     limit: int | None = None
+    tfds_data_dir: str | None = None
     _source: Any = dataclasses.field(default=None, init=False, repr=False)
     _jitted: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_config(cls, name: str, section: Mapping[str, Any], image_size: int) -> ZeroShotEvaluator:
         """From a ``config.eval.evaluators`` entry (dataset, every, templates, class_names, label_key,
-        limit)."""
+        limit, tfds_data_dir)."""
         get = lambda key: section.get(key) if hasattr(section, "get") else getattr(section, key, None)
         if not get("dataset"):
             raise cli.UserError(f"config.eval.evaluators.{name}.dataset is not set")
@@ -96,11 +97,14 @@ class ZeroShotEvaluator:
             class_names=get("class_names"),
             label_key=get("label_key"),
             limit=get("limit"),
+            tfds_data_dir=get("tfds_data_dir"),
         )
 
     def source(self):
         if self._source is None:
-            self._source = stream_sources.open_dataset(self.dataset, self.label_key)
+            self._source = stream_sources.open_dataset(
+                self.dataset, self.label_key, tfds_data_dir=self.tfds_data_dir
+            )
             if len(self._source) == 0:
                 raise stream_sources.EvalSetError(f"{self.name}: {self.dataset} holds no images")
         return self._source

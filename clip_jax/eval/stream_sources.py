@@ -265,8 +265,14 @@ def parse_tfds(spec: str) -> tuple[str, str]:
 KINDS = ("folder", "wds", "array_record", "tfds")
 
 
-def open_dataset(spec: str, label_key: str | None = None, limit_per_class: int | None = None):
-    """``folder:ROOT``, ``wds:DIR``, ``array_record:GLOB`` or ``tfds:NAME[:split]`` -> a source."""
+def open_dataset(
+    spec: str,
+    label_key: str | None = None,
+    limit_per_class: int | None = None,
+    tfds_data_dir: str | None = None,
+):
+    """``folder:ROOT``, ``wds:DIR``, ``array_record:GLOB`` or ``tfds:NAME[:split]`` -> a source
+    (``tfds_data_dir``: None reads $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
     kind, _, value = spec.partition(":")
     if kind not in KINDS or not value:
         raise EvalSetError(f"dataset={spec!r}: expected one of {', '.join(k + ':...' for k in KINDS)}")
@@ -276,4 +282,4 @@ def open_dataset(spec: str, label_key: str | None = None, limit_per_class: int |
         return WdsSource(value)
     if kind == "array_record":
         return RecordSource(value, label_key, f"dataset=array_record:{value}")
-    return TfdsSource(*parse_tfds(value))
+    return TfdsSource(*parse_tfds(value), data_dir=tfds_data_dir)

@@ -142,7 +142,9 @@ class ZeroShotEvaluator:
 
     def __call__(self, ctx: EvalContext) -> dict[str, Any]:
         source, prompts = self.source(), self.prompts()
-        encoder = stream.TextEncoder(ctx.model, ctx.variables, ctx.mesh, ctx.batch_size)
+        if (key := ("text", id(ctx.model), id(ctx.mesh))) not in self._jitted:
+            self._jitted[key] = stream.text_encoder_fn(ctx.model, ctx.mesh)
+        encoder = stream.TextEncoder(self._jitted[key], ctx.variables, ctx.mesh, ctx.batch_size)
         weights = zeroshot.classifier_weights(encoder, ctx.tokenizer, prompts, ctx.progress)
         num_classes = len(prompts)
         classify = self._classify(ctx.model, ctx.mesh)
@@ -154,19 +156,22 @@ class ZeroShotEvaluator:
             batches = stream.stream(
                 source, size, ctx.mesh, self.limit, skipped=skipped, show_progress=ctx.progress
             )
-            for batch in batches:
-                images = stream.decode_images(batch, self.image_size, skipped)
-                local_labels = np.zeros(len(batch.examples), np.int32)
-                for i, example in enumerate(batch.examples):
-                    if example is not None and example.get("label") is None:
-                        batch.examples[i], batch.index[i] = None, -1
-                        skipped["missing_label"] += 1
-                    elif example is not None:
-                        local_labels[i] = example["label"]
-                arrays = stream.to_global(
-                    {"image": images, "label": local_labels, "index": batch.index}, ctx.mesh, size
-                )
-                out = classify(ctx.variables, arrays["image"], arrays["label"], arrays["index"], weights)
+
+            def dispatched():  # device outputs, batch by batch
+                for batch in batches:
+                    images = stream.decode_images(batch, self.image_size, skipped)
+                    local_labels = np.zeros(len(batch.examples), np.int32)
+                    for i, example in enumerate(batch.examples):
+                        if example is not None and example.get("label") is None:
+                            batch.examples[i], batch.index[i] = None, -1
+                            skipped["missing_label"] += 1
+                        elif example is not None:
+                            local_labels[i] = example["label"]
+                    local = {"image": images, "label": local_labels, "index": batch.index}
+                    arrays = stream.to_global(local, ctx.mesh, size)
+                    yield classify(ctx.variables, arrays["image"], arrays["label"], arrays["index"], weights)
+
+            for out in stream.one_ahead(dispatched()):
                 rank, prediction, label, index = (np.asarray(x) for x in out)
                 keep = index >= 0
                 labels.append(label[keep])

@@ -90,30 +90,35 @@ class RetrievalEvaluator:
         size = stream.eval_batch_size(ctx.batch_size, ctx.mesh)
         skipped: collections.Counter = collections.Counter()
         image_emb, text_emb, caption_image = [], [], []
+        length = ctx.tokenizer(["x"]).shape[1]
         with stream.mesh_context(ctx.mesh):
-            for batch in stream.stream(
-                source, size, ctx.mesh, self.limit, skipped=skipped, show_progress=ctx.progress
-            ):
-                images = stream.decode_images(batch, self.image_size, skipped)
-                texts = []
-                for i, example in enumerate(batch.examples):
-                    if example is not None and not example.get("captions"):
-                        batch.examples[i], batch.index[i] = None, -1
-                        skipped["missing_caption"] += 1
-                    texts.append(example["captions"] if batch.examples[i] is not None else [])
-                k = 1 << max(0, _global_max(max(len(t) for t in texts)) - 1).bit_length()
-                length = ctx.tokenizer(["x"]).shape[1]
-                tokens = np.zeros((len(texts), k, length), np.int32)
-                mask = np.zeros((len(texts), k), bool)
-                for i, own in enumerate(texts):
-                    if own:
-                        tokens[i, : len(own)] = ctx.tokenizer(own)
-                        mask[i, : len(own)] = True
-                local = {"image": images, "tokens": tokens, "index": batch.index, "mask": mask}
-                arrays = stream.to_global(local, ctx.mesh, size)
-                out = encode(
-                    ctx.variables, arrays["image"], arrays["tokens"], arrays["index"], arrays["mask"]
+
+            def dispatched():  # device outputs, batch by batch
+                batches = stream.stream(
+                    source, size, ctx.mesh, self.limit, skipped=skipped, show_progress=ctx.progress
                 )
+                for batch in batches:
+                    images = stream.decode_images(batch, self.image_size, skipped)
+                    texts = []
+                    for i, example in enumerate(batch.examples):
+                        if example is not None and not example.get("captions"):
+                            batch.examples[i], batch.index[i] = None, -1
+                            skipped["missing_caption"] += 1
+                        texts.append(example["captions"] if batch.examples[i] is not None else [])
+                    k = 1 << max(0, _global_max(max(len(t) for t in texts)) - 1).bit_length()
+                    tokens = np.zeros((len(texts), k, length), np.int32)
+                    mask = np.zeros((len(texts), k), bool)
+                    for i, own in enumerate(texts):
+                        if own:
+                            tokens[i, : len(own)] = ctx.tokenizer(own)
+                            mask[i, : len(own)] = True
+                    local = {"image": images, "tokens": tokens, "index": batch.index, "mask": mask}
+                    arrays = stream.to_global(local, ctx.mesh, size)
+                    yield encode(
+                        ctx.variables, arrays["image"], arrays["tokens"], arrays["index"], arrays["mask"]
+                    )
+
+            for out in stream.one_ahead(dispatched()):
                 images_out, texts_out, index, mask_out = (np.asarray(x) for x in out)
                 for row in np.flatnonzero(index >= 0):
                     image_emb.append(images_out[row])

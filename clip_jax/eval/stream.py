@@ -121,6 +121,18 @@ def stream(
         yield LocalBatch(start, batch_size, rows, examples, index)
 
 
+def one_ahead(outputs: Iterator) -> Iterator:
+    """``outputs`` one item late: the next batch is read, decoded and dispatched before the host
+    waits for the current one's results (jax dispatch is asynchronous)."""
+    previous, empty = None, True
+    for item in outputs:
+        if not empty:
+            yield previous
+        previous, empty = item, False
+    if not empty:
+        yield previous
+
+
 def decode_images(
     batch: LocalBatch, image_size: int, skipped: collections.Counter | None = None
 ) -> np.ndarray:
@@ -141,17 +153,19 @@ def decode_images(
     return out
 
 
+def text_encoder_fn(model: clip.CLIP, mesh: Mesh):
+    """jitted ``(variables, tokens) -> replicated unit text embeddings`` (build once, reuse per call)."""
+    encode = lambda v, t: model.apply(v, t, method=clip.CLIP.encode_text)
+    return jax.jit(encode, out_shardings=sharding.replicated(mesh))
+
+
 class TextEncoder:
     """``texts(tokens)`` over the mesh: tokens every process holds whole -> replicated unit embeddings
-    (the encoder `clip_jax.eval.zeroshot.classifier_weights` takes)."""
+    (the encoder `clip_jax.eval.zeroshot.classifier_weights` takes). ``encode``: `text_encoder_fn`'s."""
 
-    def __init__(self, model: clip.CLIP, variables, mesh: Mesh, batch_size: int):
-        self.variables, self.mesh = variables, mesh
+    def __init__(self, encode, variables, mesh: Mesh, batch_size: int):
+        self.variables, self.mesh, self._encode = variables, mesh, encode
         self.batch_size = eval_batch_size(batch_size, mesh)
-        self._encode = jax.jit(
-            lambda v, t: model.apply(v, t, method=clip.CLIP.encode_text),
-            out_shardings=sharding.replicated(mesh),
-        )
 
     def texts(self, tokens: np.ndarray) -> np.ndarray:
         n, size = len(tokens), self.batch_size

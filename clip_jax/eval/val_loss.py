@@ -81,18 +81,22 @@ class ValLossEvaluator:
         totals: dict[str, float] = {}
         batches = skipped_batches = 0
         with stream.mesh_context(ctx.mesh):
-            for batch in stream.stream(
-                source, size, ctx.mesh, n, drop_remainder=True, show_progress=ctx.progress
-            ):
-                images = stream.decode_images(batch, self.image_size)
-                texts = [
-                    e["captions"][0] if e is not None and e.get("captions") else "" for e in batch.examples
-                ]
-                valid = np.array([e is not None and bool(e.get("captions")) for e in batch.examples])
-                arrays = stream.to_global(
-                    {"image": images, "tokens": ctx.tokenizer(texts), "valid": valid}, ctx.mesh, size
+
+            def dispatched():  # device outputs, batch by batch
+                global_batches = stream.stream(
+                    source, size, ctx.mesh, n, drop_remainder=True, show_progress=ctx.progress
                 )
-                value, stats, ok = loss(ctx.variables, arrays["image"], arrays["tokens"], arrays["valid"])
+                for batch in global_batches:
+                    images = stream.decode_images(batch, self.image_size)
+                    valid = np.array([e is not None and bool(e.get("captions")) for e in batch.examples])
+                    texts = [
+                        e["captions"][0] if ok else "" for e, ok in zip(batch.examples, valid, strict=True)
+                    ]
+                    local = {"image": images, "tokens": ctx.tokenizer(texts), "valid": valid}
+                    arrays = stream.to_global(local, ctx.mesh, size)
+                    yield loss(ctx.variables, arrays["image"], arrays["tokens"], arrays["valid"])
+
+            for value, stats, ok in stream.one_ahead(dispatched()):
                 if not bool(ok):
                     skipped_batches += 1
                     continue

@@ -14,7 +14,7 @@ import pytest
 
 from clip_jax import cli, losses, sharding
 from clip_jax.data import records, transforms
-from clip_jax.eval import classify, retrieve, sources, stream_sources, val_loss, zeroshot
+from clip_jax.eval import classify, retrieve, sources, stream, stream_sources, val_loss, zeroshot
 from clip_jax.eval.encode import Encoder
 from clip_jax.models import clip
 
@@ -161,3 +161,32 @@ def test_dataset_mistakes_are_one_line_user_errors(tmp_path):
         retrieve.RetrievalEvaluator.from_config("r", {"dataset": f"folder:{tmp_path}"}, 16)
     with pytest.raises(cli.UserError, match="templates need"):
         classify.normalize_templates(["a photo"], "here")
+
+
+def test_other_mesh_shapes_give_the_same_numbers(model_and_mesh, folder):
+    model, variables, mesh = model_and_mesh
+    root, _ = folder
+    ev = classify.ZeroShotEvaluator(
+        "zs", f"folder:{root / 'tree'}", 16, templates=str(root / "templates.txt")
+    )
+    want = ev(setup.context(model, variables, mesh, batch_size=8))
+    other = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    assert stream.local_rows(other, 12) == (0, 12) and stream.eval_batch_size(6, other) == 8
+    assert ev(setup.context(model, variables, other, batch_size=6)) == want
+
+
+def test_wds_oversized_member_and_bad_labels(model_and_mesh, tmp_path):
+    model, variables, mesh = model_and_mesh
+    rng = np.random.default_rng(4)
+    samples = [(setup.image_bytes(rng), i % 2) for i in range(6)]
+    setup.write_wds(str(tmp_path / "wds"), samples, ["a", "b"], setup.TEMPLATES_C)
+    shard = str(tmp_path / "wds" / "test" / "0.tar")
+    index = stream_sources.index_tar(shard, max_member_bytes=4)  # the images are over 4 bytes
+    assert index[0][1]["png"] == "too_large" and index[0][1]["cls"].size == 1
+    ctx = setup.context(model, variables, mesh, batch_size=8)
+    (tmp_path / "wds" / "classnames.txt").write_text("a\n")  # labels 0 and 1, one class name
+    with pytest.raises(cli.UserError, match=r"labels in \[0, 1\] but 1 class names"):
+        classify.ZeroShotEvaluator("zs", f"wds:{tmp_path / 'wds'}", 16)(ctx)
+    (tmp_path / "wds" / "test" / "0.tar").write_bytes(b"\x1f\x8b" + bytes(600))
+    with pytest.raises(cli.UserError, match="gzip-compressed"):
+        stream_sources.WdsSource(str(tmp_path / "wds"))

@@ -14,6 +14,7 @@ per-example outputs, never with the images.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -90,6 +91,26 @@ class LocalBatch:
     index: np.ndarray  # int32 [len(rows)]: global row, -1 for padding and unreadable rows
 
 
+READ_THREADS = 16  # rows of a batch read and decoded at once (file reads and Pillow release the GIL)
+_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="eval-read"))
+    return _POOL[0]
+
+
+def _read(source: Sequence[dict], row: int, n: int) -> tuple[dict | None, str | None]:
+    """(example, None), (None, skip reason), or (None, None) for a padding row."""
+    if row >= n:
+        return None, None
+    try:
+        return source[row], None
+    except skips.BadRecord as e:
+        return None, e.reason
+
+
 def stream(
     source: Sequence[dict],
     batch_size: int,
@@ -108,15 +129,10 @@ def stream(
         start = b * batch_size
         rows = range(start + lo, start + hi)
         examples = []
-        for row in rows:
-            example = None
-            if row < n:
-                try:
-                    example = source[row]
-                except skips.BadRecord as e:
-                    if skipped is not None:
-                        skipped[e.reason] += 1
+        for example, reason in _pool().map(lambda row: _read(source, row, n), rows):
             examples.append(example)
+            if reason and skipped is not None:
+                skipped[reason] += 1
         index = np.array([r if e is not None else -1 for r, e in zip(rows, examples, strict=True)], np.int32)
         yield LocalBatch(start, batch_size, rows, examples, index)
 
@@ -138,18 +154,25 @@ def decode_images(
 ) -> np.ndarray:
     """uint8 [rows, S, S, 3] of the batch's examples (resize short side, centre crop); an image that
     does not decode becomes zeros and its row is marked invalid (``batch.index`` -1)."""
-    out = np.zeros((len(batch.examples), image_size, image_size, 3), np.uint8)
-    for i, example in enumerate(batch.examples):
+
+    def decode(example: dict | None) -> np.ndarray | str | None:
         if example is None:
-            continue
+            return None
         try:
             if not example.get("image"):
                 raise skips.BadRecord("missing_image", example.get("key", ""))
-            out[i] = transforms.resize_center_crop(transforms.decode_image(example["image"]), image_size)
+            return transforms.resize_center_crop(transforms.decode_image(example["image"]), image_size)
         except skips.BadRecord as e:
+            return e.reason
+
+    out = np.zeros((len(batch.examples), image_size, image_size, 3), np.uint8)
+    for i, image in enumerate(_pool().map(decode, batch.examples)):
+        if isinstance(image, np.ndarray):
+            out[i] = image
+        elif isinstance(image, str):
             batch.examples[i], batch.index[i] = None, -1
             if skipped is not None:
-                skipped[e.reason] += 1
+                skipped[image] += 1
     return out
 
 

@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 from clip_jax import cli, losses, recipe, sharding, storage, workdir, zeroshot_metadata
 from clip_jax.data import captions, records, skips
-from clip_jax.eval import evaluator, retrieval, scenes_suite, sources, suite
+from clip_jax.eval import evaluator, retrieval, scenes_suite, sources, stream, suite
 from clip_jax.eval import linear_probe as probe
 from clip_jax.eval.encode import Encoder
 from clip_jax.eval.retrieval import recall_at_k, retrieval_metrics
@@ -211,7 +211,7 @@ def run_evaluators(workdir_path: str, step: str | None, eval_config=None) -> dic
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
             ctx = evaluator.EvalContext(
                 model=run.model,
-                variables=openai_resnet.split_variables(run.params),
+                variables=stream.replicate(openai_resnet.split_variables(run.params), mesh),
                 tokenizer=run.tokenizer,
                 mesh=mesh,
                 batch_size=config.eval.batch_size,

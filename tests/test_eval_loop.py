@@ -134,7 +134,8 @@ def test_a_config_from_before_evaluators_gets_its_scene_evaluation(scenes_datase
         ({"x": {"kind": "scenes", "every": -1}}, r"config.eval.evaluators.x.every=-1"),
         ({"x": {"kind": "scenes", "prbes": 3}}, r"config.eval.evaluators.x: unknown options \['prbes'\]"),
         ([{"name": "a", "kind": "scenes"}, {"name": "a", "kind": "scenes"}], "the name 'a' is used twice"),
-        ({"x": {"kind": "zeroshot"}}, "config.eval.evaluators.x: kind 'zeroshot' is not wired yet"),
+        ({"x": {"kind": "zeroshot"}}, "config.eval.evaluators.x.dataset is not set: folder:ROOT, wds:DIR"),
+        ({"x": {"kind": "val_loss", "templates": "a"}}, r"x: unknown options \['templates'\]"),
     ],
 )
 def test_evaluator_config_mistakes_are_one_clear_error(scenes_dataset, evaluators, message):

@@ -53,6 +53,7 @@ def test_the_evaluation_table_is_aligned_whatever_the_names(capsys):
         "top1": 0.5,
         "top1_chance": 0.1,
         "a_much_longer_metric_name_than_the_old_34_columns": 0.25,
+        "a_much_longer_metric_name_than_the_old_34_columns_chance": 0.125,
         "mid_name_recall": 1.0,
         "mid_name_recall_chance": 0.5,
     }
@@ -85,3 +86,13 @@ def test_a_run_shows_no_library_info_lines_and_its_log_file_has_them(tmp_path, s
     assert any("checkpoint_manager.py" in line for line in infos), log[:20]  # orbax's
     assert any("distributed.py" in line for line in infos), log[:20]  # jax's, held from before the run
     print(f"terminal: {len(terminal)} lines; log file: {len(log)} lines", file=sys.stderr)
+
+
+def test_the_table_shows_baselines_beside_rates_and_numbers_as_they_are(capsys):
+    results = {"top1": 0.4, "top1_chance": 0.05, "top1_majority": 0.288, "loss": 2.5, "n_images": 200}
+    table.print_table("clip-art", results)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["metric", "value", "chance", "majority"]
+    assert lines[3].split() == ["top1", "40.0%", "5.0%", "28.8%"]
+    assert lines[4].split() == ["loss", "2.5", "-", "-"]
+    assert lines[5].split() == ["n_images", "200", "-", "-"]

@@ -22,7 +22,7 @@ import ml_collections
 
 from clip_jax import cli
 from clip_jax.data import scenes
-from clip_jax.eval import scenes_suite
+from clip_jax.eval import classify, retrieve, scenes_suite, val_loss
 from clip_jax.eval.evaluator import Evaluator
 
 
@@ -39,19 +39,26 @@ def _scenes(name: str, every: int, options: dict, scenes_dataset, image_size: in
     return scenes_suite.ScenesEvaluator(name, every, scenes_dataset, **options)
 
 
-def _not_wired(kind: str):
+def _with(cls):
+    """A builder for an evaluator class with ``from_config(name, section, image_size)``."""
+
     def build(name: str, every: int, options: dict, scenes_dataset, image_size: int) -> Evaluator:
-        raise EvaluatorConfigError(f"config.eval.evaluators.{name}: kind {kind!r} is not wired yet")
+        del scenes_dataset
+        return cls.from_config(name, {**options, "every": every}, image_size)
 
     return build
 
 
+_SET = {"dataset": None, "limit": None}  # every eval-set kind: where the set lies, and a cap
 # kind -> (builder, {option: default}); a section's other keys are refused.
 KINDS: dict[str, tuple[Callable[..., Evaluator], dict[str, Any]]] = {
     "scenes": (_scenes, {"diagnostics": True, "probes": 200, "linear_probe": False}),
-    "zeroshot": (_not_wired("zeroshot"), {}),
-    "retrieval": (_not_wired("retrieval"), {}),
-    "val_loss": (_not_wired("val_loss"), {}),
+    "zeroshot": (
+        _with(classify.ZeroShotEvaluator),
+        {**_SET, "templates": None, "class_names": None, "label_key": None, "tfds_data_dir": None},
+    ),
+    "retrieval": (_with(retrieve.RetrievalEvaluator), {**_SET, "ks": (1, 5, 10)}),
+    "val_loss": (_with(val_loss.ValLossEvaluator), dict(_SET)),
 }
 _LEGACY = ("every", "diagnostics", "probes", "linear_probe")  # config.eval before evaluators
 
@@ -97,6 +104,11 @@ def sections(eval_config: ml_collections.ConfigDict, has_scenes: bool = True) ->
         if unknown:
             raise EvaluatorConfigError(
                 f"{where}: unknown options {unknown}; kind {kind!r} takes {sorted(defaults)}"
+            )
+        if "dataset" in defaults and not section.get("dataset"):
+            raise EvaluatorConfigError(
+                f"{where}.dataset is not set: folder:ROOT, wds:DIR (CLIP_benchmark's layout), "
+                "array_record:GLOB or tfds:NAME[:SPLIT]"
             )
         out[name] = {**defaults, **section, "kind": kind, "every": every}
     return out

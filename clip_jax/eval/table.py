@@ -49,7 +49,8 @@ def print_table(title: str, results: dict) -> None:
     body = rows(results)
     header = ("metric", "value", "chance", "majority")
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(4)]
-    line = lambda r: f"{r[0]:<{widths[0]}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(r[1:], widths[1:]))
+    cells = lambda r: (f"{c:>{w}}" for c, w in zip(r[1:], widths[1:], strict=True))
+    line = lambda r: f"{r[0]:<{widths[0]}}  " + "  ".join(cells(r))
     print(f"\n{title}\n{line(header)}")
     for r in body:
         print(line(r))

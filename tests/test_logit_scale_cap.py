@@ -15,6 +15,7 @@ import pytest
 
 from clip_jax import cli, losses, train
 from clip_jax.models import clip
+from clip_jax.recipe import build_model
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -44,8 +45,8 @@ def scale_after_one_step(model, loss, start):
 
 
 def test_softmax_keeps_clips_cap_and_sigmoid_has_none():
-    softmax = train.build_model(recipe("demo"))
-    sigmoid = train.build_model(recipe("demo_siglip"))
+    softmax = build_model(recipe("demo"))
+    sigmoid = build_model(recipe("demo_siglip"))
     assert clip.scale_cap(softmax) == 100.0 and clip.scale_cap(sigmoid) is None
     assert scale_after_one_step(softmax, "softmax_dense", 150.0) == pytest.approx(100.0, rel=1e-5)
     # An imported SigLIP's scale above 100 is kept as it is (bitwise: the step changes nothing).
@@ -56,14 +57,14 @@ def test_softmax_keeps_clips_cap_and_sigmoid_has_none():
 def test_the_cap_is_a_config_value():
     config = recipe("demo_siglip").unlock()
     config.train.max_logit_scale = 120.0
-    assert scale_after_one_step(train.build_model(config), "sigmoid_dense", 150.0) == pytest.approx(120.0)
+    assert scale_after_one_step(build_model(config), "sigmoid_dense", 150.0) == pytest.approx(120.0)
     config.train.max_logit_scale = float("inf")  # no cap, for a softmax model too
     config.train.loss = "softmax_dense"
-    model = train.build_model(config)
+    model = build_model(config)
     assert clip.scale_cap(model) is None
     config.train.max_logit_scale = 0.0
     with pytest.raises(cli.UserError, match="config.train.max_logit_scale=0.0 must be > 0"):
-        clip.scale_cap(train.build_model(config))
+        clip.scale_cap(build_model(config))
 
 
 def test_clamp_logit_scale():
@@ -76,17 +77,17 @@ def test_clamp_logit_scale():
 def test_the_sigmoid_init_is_a_config_value():
     config = recipe("demo_siglip").unlock()
     config.train.update(sigmoid_init_scale=None, sigmoid_init_bias=None)
-    model = train.build_model(config)
+    model = build_model(config)
     assert model.config.logit_scale_init == pytest.approx(math.log(10.0))  # SigLIP's t' = log 10
     assert model.config.logit_bias_init == -10.0
     config.train.update(sigmoid_init_scale=30.0, sigmoid_init_bias=-7.0)
-    model = train.build_model(config)
+    model = build_model(config)
     values = model.init(jax.random.key(0), *clip.dummy_inputs(model.config))["params"]
     assert float(np.exp(values["logit_scale"].value)) == pytest.approx(30.0, rel=1e-6)
     assert float(values["logit_bias"].value) == -7.0
     config.train.sigmoid_init_scale = -1.0
     with pytest.raises(cli.UserError, match="sigmoid_init_scale=-1.0 must be > 0"):
-        train.build_model(config)
+        build_model(config)
     softmax = recipe("demo")  # the softmax demo keeps CLIP's init: no bias, t = 1 / 0.07
-    assert train.build_model(softmax).config.logit_bias_init is None
-    assert train.build_model(softmax).config.logit_scale_init == pytest.approx(math.log(1 / 0.07))
+    assert build_model(softmax).config.logit_bias_init is None
+    assert build_model(softmax).config.logit_scale_init == pytest.approx(math.log(1 / 0.07))

@@ -18,7 +18,7 @@ import pytest
 from test_checkpoint import Crash, assert_trees_bitwise_equal, crashing_compile, small_demo
 from test_train import ROOT, SMALL_SCENES
 
-from clip_jax import cli, losses, nonfinite, optim, sharding, train
+from clip_jax import cli, losses, nonfinite, optim, recipe, sharding, train
 from clip_jax.config_defaults import base_config
 from clip_jax.models import clip
 
@@ -70,7 +70,7 @@ def tiny():
     from one compiled step: a NaN loss at step 2, a NaN gradient at step 4."""
     config = base_config()
     config.model.update(variant="tiny", dtype="float32")
-    model = train.build_model(config)
+    model = recipe.build_model(config)
     tx, schedule = optim.make_optimizer(config.optim, 20)
     mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "model": 1})
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ import pytest
 import sentencepiece as spm
 from conftest import load_config
 
-from clip_jax import inference, train
+from clip_jax import inference, recipe, train
 from clip_jax.data import scenes, siglip_tokenizer
 from clip_jax.data.tokenizer import Tokenizer, TokenizerFileError
 from clip_jax.interop import files
@@ -87,7 +87,7 @@ def test_lit_from_a_siglip_model_trains_with_its_tokenizer(tmp_path, scenes_data
     config.optim.update(warmup_steps=2, lr=2e-3, freeze=("^visual/",))
     config.checkpoint.every = 1000
     vocab = Tokenizer(siglip_model, CONTEXT).vocab_size
-    model = train.build_model(config, vocab)
+    model = recipe.build_model(config, vocab)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(7), *clip.dummy_inputs(model.config))["params"])
     weights, _ = files.save(
         str(tmp_path / "bv"),

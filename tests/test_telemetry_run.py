@@ -11,7 +11,7 @@ import pytest
 from conftest import load_config
 
 from clip_jax import goodput, train
-from clip_jax.data import pipeline
+from clip_jax.data import formats
 
 DELAY_S = 1.0  # per batch, test-only: well above the tiny step's time on 2 busy cores (~0.3 s)
 
@@ -46,8 +46,8 @@ def read_rows(workdir):
 
 @pytest.mark.slow
 def test_slowed_pipeline_goodput_and_a_profile_of_three_steps(tmp_path, scenes_dataset, monkeypatch, capsys):
-    original = pipeline.from_config
-    monkeypatch.setattr(pipeline, "from_config", lambda *a, **k: slowed(original(*a, **k), DELAY_S))
+    original = formats.from_config
+    monkeypatch.setattr(formats, "from_config", lambda *a, **k: slowed(original(*a, **k), DELAY_S))
     config = small_demo(scenes_dataset, total_steps=8)
     config.logging.profile_steps = (3, 5)
     workdir = str(tmp_path / "run")

@@ -29,6 +29,7 @@ def get_config(arg=None):
     c = _demo().get_config(arg)
     c.model.variant = "tiny-siglip"
     c.train.loss = "sigmoid_ring"  # clip_jax.losses.BUILDERS; gives the model SigLIP's bias and temperature
-    # The prior log-odds of a positive pair at this batch size (see the docstring).
+    # The prior log-odds of a positive pair at this batch size (see the docstring); set at
+    # load time, so a --config.train.batch_size override wants its own sigmoid_init_bias.
     c.train.sigmoid_init_bias = -math.log(c.train.batch_size)
     return c

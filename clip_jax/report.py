@@ -256,7 +256,7 @@ def _write_report(workdir: str, out: str) -> None:
     parts = [f"<h1>clip_jax run: {html.escape(storage.absolute(workdir))}</h1>"]
     names = _Names(out)
     names("training"), names("gallery")  # reserved: a crafted group or key cannot take them
-    rows = read_metrics(workdir)
+    rows = [r for r in read_metrics(workdir) if "loss" in r]  # not a row of evaluation results alone
     if rows:
         plot_training(rows, os.path.join(out, "training.png"))
         last = rows[-1]

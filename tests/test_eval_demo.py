@@ -19,7 +19,7 @@ from eval_stream_setup import write_wds
 from test_eval_loop import scalars, tiny_demo
 from test_metrics import _read_events
 
-from clip_jax import train
+from clip_jax import report, train
 from clip_jax.data import records, scenes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -151,3 +151,19 @@ def test_the_evaluate_command_on_one_and_on_two_processes_gives_the_loops_number
         f"|2x2 - 1x4| {diff_between:.2e}"
     )
     assert diff_single <= 1e-6 and diff_double <= 1e-6 and diff_between <= 1e-6
+
+
+@pytest.mark.slow
+def test_the_report_plots_every_evaluators_metrics_over_steps(demo):
+    workdir, loop = demo
+    page = pathlib.Path(report.build(str(workdir))).read_text()
+    for name in NAMES:
+        assert f"Evaluation: {name} (step {STEPS[-1]})" in page
+        assert (
+            f"src='{name}_steps.png'" in page
+            and (workdir / "report" / f"{name}_steps.png").stat().st_size > 1000
+        )
+    assert report.curve_names(loop[STEPS[-1]]["zeroshot"]) == ["top1", "mean_per_class_recall"]
+    assert report.curve_names(loop[STEPS[-1]]["retrieval"]) == [
+        f"{way}_R@{k}" for way in ("i2t", "t2i") for k in (1, 5, 10)
+    ]

@@ -123,7 +123,8 @@ def test_the_evaluate_command_on_one_and_on_two_processes_gives_the_loops_number
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
-    procs = [
+    logs = [open(workdir.parent / f"evaluate{i}.log", "w+") for i in range(2)]  # noqa: SIM115
+    procs = [  # to files: a full pipe of one process would stall both
         subprocess.Popen(
             [
                 *_evaluate_cmd(workdir),
@@ -131,18 +132,27 @@ def test_the_evaluate_command_on_one_and_on_two_processes_gives_the_loops_number
                 "--num_processes=2",
                 f"--process_id={i}",
             ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
             env=_env(2),
             cwd=ROOT,
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    assert "wrote" in outputs[0][0] and "wrote" not in outputs[1][0]  # process 0 writes
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outputs = []
+    for p, log in zip(procs, logs, strict=True):
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+        assert p.returncode == 0, outputs[-1][-3000:]
+    assert f"wrote {workdir}" in outputs[0] and f"wrote {workdir}" not in outputs[1]  # process 0 writes
     double = _written(workdir)
     diff_double = _differences(double, loop)
     diff_between = _differences(double, {s: single[s] for s in STEPS})

@@ -123,3 +123,12 @@ def test_a_json_lines_file_replaces_its_last_line(tmp_path):
     lines.replace_last('{"b": 2, "c": 3}')
     lines.replace_last('{"d": 4}')  # shorter than the line it replaces
     assert path.read_text() == '{"a": 1}\n{"d": 4}\n'
+
+
+def test_an_object_store_json_lines_file_replaces_its_last_line_in_the_text_it_uploads(tmp_path, monkeypatch):
+    uploads = []
+    monkeypatch.setattr(metrics.storage, "write_text", lambda path, text: uploads.append(text))
+    lines = metrics.storage.JsonLines(str(tmp_path / "x.jsonl"))
+    lines._text = '{"a": 1}\n{"b": 2}\n'  # as read from the bucket
+    lines.replace_last('{"b": 2, "c": 3}')
+    assert uploads == ['{"a": 1}\n{"b": 2, "c": 3}\n'] and lines.last() == '{"b": 2, "c": 3}'

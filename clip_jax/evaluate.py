@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from clip_jax import cli, losses, recipe, sharding, storage, workdir, zeroshot_metadata
+from clip_jax import cli, distributed, losses, recipe, sharding, storage, workdir, zeroshot_metadata
 from clip_jax.data import captions, records, skips
 from clip_jax.eval import evaluator, retrieval, scenes_suite, sources, stream, suite
 from clip_jax.eval import linear_probe as probe
@@ -234,6 +234,7 @@ def run_evaluators(workdir_path: str, step: str | None, eval_config=None) -> dic
 
 def main(argv):
     del argv
+    distributed.initialize(local_coordinator=False)  # several processes: as the flags say
     if FLAGS.evaluators:
         if FLAGS.task != "zeroshot" or FLAGS.dataset:  # zeroshot: the flag's default
             raise cli.UserError("--evaluators runs the recipe's evaluators: give no --task or --dataset")
@@ -253,4 +254,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
+    distributed.define_flags()
     cli.run(main)

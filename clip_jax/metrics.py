@@ -121,9 +121,20 @@ class MetricsLogger:
         return record
 
     def write_eval(self, step: int, results: dict) -> None:
-        """An evaluation's scalars (``eval/NAME``) to TensorBoard / W&B (the JSON is train.write_eval's)."""
-        if self.primary:
-            self.summaries.scalars(step, results, "eval/")
+        """An evaluation's scalars (``eval/NAME``) to TensorBoard / W&B and into the row of
+        ``step`` in metrics.jsonl (the JSON is train.write_eval's): the loop evaluates after
+        it logged that step, so the row gets the ``eval/NAME`` keys; a step without a
+        training row (not a log step, or a resumed run that only evaluates) gets a row of
+        its own with ``step`` and the ``eval/`` keys only. One row per step either way."""
+        if not self.primary:
+            return
+        self.summaries.scalars(step, results, "eval/")
+        values = {f"eval/{k}": v for k, v in scalar_items(results).items()}
+        row = json.loads(last) if (last := self.lines.last()) and _row_step(last) == step else None
+        if row is None:
+            self.lines.append(json.dumps({"step": step, **values}))
+        else:
+            self.lines.replace_last(json.dumps({**row, **values}))
 
     def close(self) -> None:
         if self.primary:
@@ -142,6 +153,15 @@ def telemetry_text(record: dict) -> str:
         f"({record['data_wait_s']:.3f} s), {record['pairs_per_sec_per_device']:.0f} pairs/s/device"
     )
     return text + (f", MFU {100 * record['mfu']:.1f}%" if "mfu" in record else "")
+
+
+def scalar_items(values: dict) -> dict[str, float]:
+    """The numbers of ``values`` as floats (not ``step``, booleans, lists, dicts or None)."""
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if k != "step" and isinstance(v, int | float | np.floating | np.integer) and not isinstance(v, bool)
+    }
 
 
 class Summaries:
@@ -170,13 +190,7 @@ class Summaries:
                 self.wandb = wandb.init(project=wandb_project, name=name, config=wandb_config, dir=local)
 
     def scalars(self, step: int, values: dict, prefix: str) -> None:
-        scalars = {
-            f"{prefix}{k}": float(v)
-            for k, v in values.items()
-            if k != "step"
-            and isinstance(v, int | float | np.floating | np.integer)
-            and not isinstance(v, bool)
-        }
+        scalars = {f"{prefix}{k}": v for k, v in scalar_items(values).items()}
         if self.tb is not None:
             for name, value in scalars.items():
                 self.tb.add_scalar(name, value, step)

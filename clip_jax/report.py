@@ -91,9 +91,16 @@ def plot_training(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def curve_names(results: dict) -> list[str]:
+    """The metrics an evaluator's over-steps plot draws: its scalars, not chance levels,
+    majority rates or counts (``n_images``), at most 12."""
+    skip = ("_chance", "_majority")
+    return [k for k in _scalars(results) if not k.endswith(skip) and not k.startswith("n_")][:12]
+
+
 def plot_eval_steps(history: list[tuple[int, dict]], path: str) -> None:
     """Metrics (not chance levels) over evaluation steps; chance as dashed lines."""
-    names = [k for k in _scalars(history[-1][1]) if not k.endswith("_chance")][:12]
+    names = curve_names(history[-1][1])
     fig, ax = plt.subplots(figsize=(9, 5))
     steps = [s for s, _ in history]
     for name in names:
@@ -256,7 +263,7 @@ def _write_report(workdir: str, out: str) -> None:
     parts = [f"<h1>clip_jax run: {html.escape(storage.absolute(workdir))}</h1>"]
     names = _Names(out)
     names("training"), names("gallery")  # reserved: a crafted group or key cannot take them
-    rows = read_metrics(workdir)
+    rows = [r for r in read_metrics(workdir) if "loss" in r]  # not a row of evaluation results alone
     if rows:
         plot_training(rows, os.path.join(out, "training.png"))
         last = rows[-1]

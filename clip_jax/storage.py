@@ -259,7 +259,11 @@ class JsonLines:
 
     On an object store the lines already there are read once, then every `append`
     uploads the whole text (a metrics log is small; a lost append would be silent).
+    `last` and `replace_last` let a writer complete its latest line (evaluation results
+    joining the row of their step).
     """
+
+    TAIL_BYTES = 1 << 20  # `last` reads at most this much of a local file's end
 
     def __init__(self, path: str):
         self.path = path
@@ -274,3 +278,40 @@ class JsonLines:
             return
         self._text += line + "\n"
         write_text(self.path, self._text)
+
+    def _split_last(self) -> tuple[int, str]:
+        """(offset of the last line, the last line without its newline); (size, "") when none."""
+        if self._text is not None:
+            body = self._text.rstrip("\n")
+            start = body.rfind("\n") + 1
+            return start, body[start:]
+        if not os.path.exists(self.path):
+            return 0, ""
+        with open(self.path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            begin = max(0, size - self.TAIL_BYTES)
+            f.seek(begin)
+            tail = f.read()
+        body = tail.rstrip(b"\n")
+        cut = body.rfind(b"\n")
+        if cut < 0 and begin > 0:  # a last line longer than the tail read: none we can use
+            return size, ""
+        return begin + cut + 1, body[cut + 1 :].decode("utf-8", "replace")
+
+    def last(self) -> str:
+        """The last line ("" when the file is empty or missing)."""
+        return self._split_last()[1]
+
+    def replace_last(self, line: str) -> None:
+        """Replaces the last line by ``line`` (appends it when there is none)."""
+        start, old = self._split_last()
+        if not old:
+            self.append(line)
+        elif self._text is not None:
+            self._text = self._text[:start] + line + "\n"
+            write_text(self.path, self._text)
+        else:
+            with open(self.path, "r+b") as f:
+                f.seek(start)
+                f.write((line + "\n").encode())
+                f.truncate()

@@ -65,14 +65,14 @@ def steps(workdir: str) -> list[int]:
 
 
 def restore_params(workdir: str, model: clip.CLIP, step: int | None) -> tuple[int, Any]:
-    """(step, weights) from ``WORKDIR/checkpoints``, on one device; only the weights are read.
+    """(step, weights) from ``WORKDIR/checkpoints`` on this process's first device; only the weights are read.
 
     The weights are the params, plus ``batch_stats`` for a ResNet tower (the train
     state's ``model_state``), laid out as `openai_resnet.merge_variables` does.
     """
     rng = jax.random.key(0)
     variables = dict(jax.eval_shape(lambda: model.init(rng, *clip.dummy_inputs(model.config))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # each process reads all
     place = lambda tree: jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.meta.unbox(tree)
     )

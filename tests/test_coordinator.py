@@ -12,9 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROBE = r"""
 import os, sys
 from absl import flags
-from clip_jax import main
+from clip_jax import distributed, main
 flags.FLAGS(["main", "--config=configs/demo.py", "--workdir=unused"])
-main._initialize_distributed()
+distributed.initialize()
 inodes = set()
 for fd in os.listdir("/proc/self/fd"):
     try:

@@ -81,3 +81,54 @@ def test_rates_after_a_resume_count_from_the_resumed_step(tmp_path, monkeypatch)
     assert first["steps_per_sec"] == pytest.approx(10 / 5) and first["pairs_per_sec"] == pytest.approx(8)
     assert first["eta_s"] is None  # the first interval after a start includes compilation
     assert second["steps_per_sec"] == pytest.approx(2) and second["eta_s"] == pytest.approx(80 / 2)
+
+
+def _rows(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_eval_results_join_their_steps_row_in_metrics_jsonl(tmp_path):
+    """One row per step: the evaluation of a log step joins its row; of a step not logged, a
+    row of its own; a resumed run rolled back before the evaluations logs them again once."""
+    logger = metrics.MetricsLogger(str(tmp_path), total_steps=10, global_batch=8, primary=True)
+    logger.write(2, {k: jnp.float32(v) for k, v in VALUES.items()})
+    logger.write_eval(2, {"zs/top1": 0.5, "zs/confusion": [[1]], "ret/t2i_R@1": 1, "ok": True})
+    logger.write(4, {k: jnp.float32(v) for k, v in VALUES.items()})
+    logger.write_eval(5, {"zs/top1": 0.75})  # step 5 was not a log step
+    logger.write_eval(5, {"ret/t2i_R@1": 0.25})  # a second evaluator at that step: the same row
+    logger.close()
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    assert rows[0]["loss"] == 2.0 and rows[0]["eval/zs/top1"] == 0.5 and rows[0]["eval/ret/t2i_R@1"] == 1.0
+    assert not any(k.startswith(("eval/zs/confusion", "eval/ok")) for k in rows[0])
+    assert "eval/zs/top1" not in rows[1]
+    assert rows[2] == {"step": 5, "eval/zs/top1": 0.75, "eval/ret/t2i_R@1": 0.25}
+
+    resumed = metrics.MetricsLogger(str(tmp_path), 10, 8, primary=True, resumed_step=2)
+    resumed.write(4, {k: jnp.float32(v) for k, v in VALUES.items()})
+    resumed.write_eval(4, {"zs/top1": 0.25})
+    resumed.close()
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [2, 4] and rows[1]["eval/zs/top1"] == 0.25
+    assert rows[0]["eval/zs/top1"] == 0.5  # the row kept from before the rollback, whole
+
+
+def test_a_json_lines_file_replaces_its_last_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    lines = metrics.storage.JsonLines(str(path))
+    assert lines.last() == ""
+    lines.replace_last('{"a": 1}')  # none yet: appended
+    lines.append('{"b": 2}')
+    assert lines.last() == '{"b": 2}'
+    lines.replace_last('{"b": 2, "c": 3}')
+    lines.replace_last('{"d": 4}')  # shorter than the line it replaces
+    assert path.read_text() == '{"a": 1}\n{"d": 4}\n'
+
+
+def test_an_object_store_json_lines_file_replaces_its_last_line_in_the_text_it_uploads(tmp_path, monkeypatch):
+    uploads = []
+    monkeypatch.setattr(metrics.storage, "write_text", lambda path, text: uploads.append(text))
+    lines = metrics.storage.JsonLines(str(tmp_path / "x.jsonl"))
+    lines._text = '{"a": 1}\n{"b": 2}\n'  # as read from the bucket
+    lines.replace_last('{"b": 2, "c": 3}')
+    assert uploads == ['{"a": 1}\n{"b": 2, "c": 3}\n'] and lines.last() == '{"b": 2, "c": 3}'

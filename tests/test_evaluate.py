@@ -209,7 +209,7 @@ def test_evaluate_scenes_on_an_untrained_tiny_model(scenes_dataset, capsys):
     import jax
 
     from clip_jax.data.tokenizer import Tokenizer
-    from clip_jax.eval import scenes_suite
+    from clip_jax.eval import scenes_suite, table
     from clip_jax.models import clip
 
     tokenizer = Tokenizer(scenes_dataset.tokenizer, 16)
@@ -225,4 +225,5 @@ def test_evaluate_scenes_on_an_untrained_tiny_model(scenes_dataset, capsys):
     assert {"diag_spatial_left_acc", "diag_spatial_above_acc", "diag_size_small_acc"} <= set(results)
     sens = results["prompt_sensitivity"]["shape"]
     assert len(sens["per_template"]) >= 5 and sens["best_single"] >= sens["worst_single"]
+    table.print_table("scenes", results)
     assert "diag_binding_acc" in capsys.readouterr().out

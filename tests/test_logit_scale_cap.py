@@ -77,7 +77,7 @@ def test_clamp_logit_scale():
 def test_the_sigmoid_init_is_a_config_value():
     config = recipe("demo_siglip").unlock()
     # The demo's bias: the log-odds of a positive among its 128 x 128 pairs, not SigLIP's -10.
-    assert train.build_model(config).config.logit_bias_init == pytest.approx(-math.log(128))
+    assert build_model(config).config.logit_bias_init == pytest.approx(-math.log(128))
     config.train.update(sigmoid_init_scale=None, sigmoid_init_bias=None)
     model = build_model(config)
     assert model.config.logit_scale_init == pytest.approx(math.log(10.0))  # SigLIP's t' = log 10

@@ -53,7 +53,7 @@ def test_short_demo_run_trains_and_writes_metrics(tmp_path, scenes_dataset):
     with open(tmp_path / "eval" / "40.json") as f:
         results = json.load(f)["scenes"]  # {evaluator: metrics}
     assert {"zero_shot_shape_top1", "zero_shot_colour_top1", "t2i_R@1", "t2i_R@5"} <= set(results)
-    assert "ETA" in proc.stdout and "held-out scenes" in proc.stdout
+    assert "ETA" in proc.stdout and "scenes (step 40)" in proc.stdout  # the evaluator's table
 
 
 def test_two_processes_with_two_devices_each_train(tmp_path, scenes_dataset):

@@ -217,6 +217,7 @@ def test_the_fingerprint_names_a_changed_weight_not_a_changed_process_count(mix,
 def test_a_run_on_a_mixture_logs_examples_per_source_and_saves_its_position(tmp_path, scenes_dataset):
     config = load_config("demo")
     del config.data["scenes"]
+    config.eval.evaluators = {}  # the demo's scenes evaluator needs the scenes
     files = scenes_dataset.train_files  # 4 shards of 128 records
     config.data.tokenizer = scenes_dataset.tokenizer
     config.data.sources = {
@@ -320,6 +321,7 @@ def test_a_run_on_a_mixture_with_a_tfds_source_logs_it_and_saves_its_position(
 ):
     config = load_config("demo")
     del config.data["scenes"]
+    config.eval.evaluators = {}  # the demo's scenes evaluator needs the scenes
     config.data.tokenizer = scenes_dataset.tokenizer
     config.data.sources = {
         "scenes": {"files": ",".join(scenes_dataset.train_files), "weight": 3.0},

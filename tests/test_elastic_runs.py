@@ -49,6 +49,7 @@ _spec.loader.exec_module(_demo)
 def get_config(arg=None):
     c = _demo.get_config().unlock()
     del c.data["scenes"]  # given records: no generation, no zero-shot evaluation at the end
+    c.eval.evaluators = {{}}  # the demo's scenes evaluator needs the scenes
     c.data.tokenizer = {tokenizer!r}
     c.data.update({data!r})
     c.data.shuffle_seed = {seed}

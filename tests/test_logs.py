@@ -75,7 +75,7 @@ def test_a_run_shows_no_library_info_lines_and_its_log_file_has_them(tmp_path, s
         "--config.train.total_steps=2",
         "--config.checkpoint.every=2",
         "--config.eval.batch_size=64",
-        "--config.eval.diagnostics=False",
+        "--config.eval.evaluators.scenes.diagnostics=False",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     terminal = (proc.stdout + proc.stderr).splitlines()

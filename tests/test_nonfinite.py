@@ -179,7 +179,7 @@ def metric_rows(workdir):
 @pytest.mark.slow
 def test_a_run_skips_a_nan_step_goes_on_and_resumes_bitwise_equal(tmp_path, scenes_dataset, monkeypatch):
     config = small_demo(scenes_dataset)  # 9 steps, a checkpoint every 3
-    config.eval.diagnostics = False
+    config.eval.evaluators.scenes.diagnostics = False
     monkeypatch.setattr(train, "make_train_step", injecting_step([4]))
     reference = train.run(config, str(tmp_path / "reference"))["state"]
     rows = metric_rows(tmp_path / "reference")

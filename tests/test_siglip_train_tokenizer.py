@@ -80,6 +80,7 @@ def test_the_layout_option_is_checked(siglip_model, tmp_path):
 def test_lit_from_a_siglip_model_trains_with_its_tokenizer(tmp_path, scenes_dataset, siglip_model):
     config = load_config("demo_siglip")
     config.data.scenes = None  # the scenes' shards, captioned with SigLIP's tokenizer
+    config.eval.evaluators = {}  # the demo's scenes evaluator needs the scenes
     config.data.train_files = ",".join(scenes_dataset.train_files)
     config.data.tokenizer = siglip_model
     config.data.tokenizer_layout = "siglip"

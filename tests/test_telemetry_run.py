@@ -23,7 +23,8 @@ def small_demo(scenes_dataset, total_steps):
     config.train.update(batch_size=32, total_steps=total_steps, log_every=2)
     config.optim.warmup_steps = 2
     config.checkpoint.every = 100  # the final step only: a background save slows the steps after it
-    config.eval.update(diagnostics=False, batch_size=64)
+    config.eval.batch_size = 64
+    config.eval.evaluators.scenes.diagnostics = False
     return config
 
 

@@ -40,7 +40,7 @@ from clip_jax import (
 )
 from clip_jax.data import elastic, formats, skips, transforms
 from clip_jax.data.tokenizer import Tokenizer
-from clip_jax.eval import evaluator, table
+from clip_jax.eval import in_training
 from clip_jax.models import clip
 from clip_jax.workdir import TOKENIZER_FILE
 
@@ -215,7 +215,7 @@ class Run:
     tokenizer: Tokenizer
     data: recipe.DataSpec
     primary: bool
-    evaluators: list[evaluator.Evaluator] = dataclasses.field(default_factory=list)
+    evaluations: in_training.Scheduled  # the evaluators, run when due
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -234,16 +234,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     validation.check_batch(config, mesh)
     with lock.hold(workdir):
         built = recipe.build(config, workdir)
-        r = Run(
-            config,
-            workdir,
-            mesh,
+        primary = jax.process_index() == 0
+        evaluations = in_training.Scheduled(
+            tuple(recipe.evaluators(config, built)),
             built.model,
             built.tokenizer,
-            built.data,
-            jax.process_index() == 0,
-            recipe.evaluators(config, built),
+            mesh,
+            config.eval.batch_size,
+            config.train.batch_size,
+            losses.make_loss(config.train.loss, mesh),
+            config.train.total_steps,
+            workdir,
+            primary,
         )
+        r = Run(config, workdir, mesh, built.model, built.tokenizer, built.data, primary, evaluations)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
             try:
                 result = _run(r, recorder)
@@ -318,7 +322,9 @@ def _run(r: Run, recorder: goodput.Recorder) -> dict[str, Any]:
             checkpoints.close()
         resumed_at_end = not result["preempted"] and "eval" not in result  # the loop ran no step
         if resumed_at_end and (
-            evals := evaluate_due(r, result["state"], config.train.total_steps, logger, recorder)
+            evals := r.evaluations.run_due(
+                config.train.total_steps, variables(result["state"]), logger, recorder
+            )
         ):
             result["eval"] = evals
     return result
@@ -387,7 +393,7 @@ def train_loop(
         if preempted:
             print(f"preempted: saved step {step}, exiting", flush=True)
             break
-        if evals := evaluate_due(r, state, step, logger, recorder):
+        if evals := r.evaluations.run_due(step, variables(state), logger, recorder):
             result["eval"] = evals
     watch.flush()
     if not preempted and checkpoints.latest_step() != total_steps:
@@ -397,46 +403,11 @@ def train_loop(
     return {**result, "state": state, "preempted": preempted}
 
 
-def evaluate_due(r: Run, state: TrainState, step: int, logger, recorder: goodput.Recorder) -> dict:
-    """Runs the evaluators due at ``step`` on ``state`` (every process); writes
-    ``WORKDIR/eval/STEP.json`` as {evaluator: metrics} and the summaries as ``NAME/metric``.
-    Returns {evaluator: metrics} ({} when none is due). The time counts as goodput's "eval"."""
-    due = [e for e in r.evaluators if evaluator.due(e, step, r.config.train.total_steps)]
-    if not due:
-        return {}
-    with recorder.phase("eval"):
-        return _evaluate(r, state, step, logger, due)
-
-
-def _evaluate(r: Run, state: TrainState, step: int, logger, due: list) -> dict:
-    ctx = evaluator.EvalContext(
-        model=r.model,
-        variables={"params": state.params, **state.model_state},
-        tokenizer=r.tokenizer,
-        mesh=r.mesh,
-        batch_size=r.config.eval.batch_size,
-        train_batch_size=r.config.train.batch_size,
-        loss_fn=losses.make_loss(r.config.train.loss, r.mesh),
-        step=step,
-    )
-    results = {e.name: e(ctx) for e in due}
-    if r.primary:
-        for name, metrics_ in results.items():
-            table.print_table(f"{name} (step {step})", metrics_)
-        write_eval(r.workdir, step, results)
-        logger.write_eval(step, flat_metrics(results))
-    return results
-
-
-def flat_metrics(results: dict[str, dict]) -> dict:
-    """{evaluator: {metric: value}} -> {"evaluator/metric": value} (the summaries' names)."""
-    return {f"{name}/{k}": v for name, metrics_ in results.items() for k, v in metrics_.items()}
+def variables(state: TrainState) -> dict:
+    """The model's variables in ``state``: {"params": ..., **model_state}."""
+    return {"params": state.params, **state.model_state}
 
 
 def log_model_summary(abstract: TrainState, mesh: Mesh) -> None:
     count = sum(x.size for x in jax.tree.leaves(abstract.params))
     print(f"model: {count:,} parameters; mesh {dict(mesh.shape)}", flush=True)
-
-
-def write_eval(workdir: str, step: int, results: dict) -> None:
-    storage.write_json(os.path.join(workdir, "eval", f"{step}.json"), results)

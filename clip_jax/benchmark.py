@@ -100,8 +100,9 @@ def breakdown(model, tx, loss_fn, state, shardings, global_batch, steps: int) ->
         return loss, grads
 
     def update_cond(params, opt_state, grads, loss):
-        ok = nonfinite.finite(loss, optax.global_norm(grads))
-        return optim.update_if(ok, tx, grads, opt_state, params, clamp)
+        grad_norm = optax.global_norm(grads)
+        ok = nonfinite.finite(loss, grad_norm)
+        return optim.update_if(ok, tx, grads, opt_state, params, clamp, grad_norm)
 
     def update_select(params, opt_state, grads, loss):
         ok = nonfinite.finite(loss, optax.global_norm(grads))

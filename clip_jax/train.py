@@ -220,7 +220,7 @@ def make_train_step(
         grad_norm = optax.global_norm(grads)
         ok = nonfinite.finite(loss, grad_norm)
         clamp = lambda p: clip.clamp_logit_scale(p, clip.scale_cap(model))
-        params, opt_state = optim.update_if(ok, tx, grads, state.opt_state, state.params, clamp)
+        params, opt_state = optim.update_if(ok, tx, grads, state.opt_state, state.params, clamp, grad_norm)
         stats = {
             **stats,
             "loss": loss,

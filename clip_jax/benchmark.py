@@ -16,7 +16,8 @@ Everything compared is measured in the same run (machines are noisy):
   and optimizer, and the ratio of pairs/s;
 - ``--breakdown``: forward+backward alone, the optimizer update alone (as the
   step runs it, `optim.update_if`, and as a select of new against old state, the
-  code before), each jitted on its own with the state donated, timed in turns;
+  code before), and the whole step both ways, each jitted with the state donated,
+  timed in turns;
 - ``--flip``: the same step with that share of image patches dropped, as a ratio;
 - ``--loss_memory``: per-device scratch memory of loss + gradient (compiled, not
   run) for the dense, local-rows and ring losses as the global batch doubles,
@@ -82,7 +83,8 @@ def _timed(run_step, steps: int) -> list[float]:
 
 
 def breakdown(model, tx, loss_fn, state, shardings, global_batch, steps: int) -> dict:
-    """Median seconds of forward+backward alone and of the update alone (two ways), timed in turns."""
+    """Median seconds, timed in turns: forward+backward alone, the update alone, and the whole
+    step, each with the update as `optim.update_if` (cond) and as the select it replaced."""
     import jax
     import optax
 
@@ -110,27 +112,36 @@ def breakdown(model, tx, loss_fn, state, shardings, global_batch, steps: int) ->
         new_params = clamp(optax.apply_updates(params, updates))
         return nonfinite.keep_if_finite(ok, new_params, params, new_state, opt_state)
 
+    def whole_step(update):  # grads and update in one jit, as train.make_train_step
+        def step(params, opt_state, state, batch):
+            loss, grads = grads_of(state.replace(params=params), batch)
+            return update(params, opt_state, grads, loss)
+
+        return jax.jit(step, out_shardings=state_args, donate_argnums=(0, 1))
+
+    state_args = (shardings.params, shardings.opt_state)
     forward_backward = jax.jit(grads_of)
     loss, grads = forward_backward(state, global_batch)
     jax.block_until_ready(grads)
-    state_args = (shardings.params, shardings.opt_state)
     copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
-    updates = {
+    variants = {
         name: [
             jax.jit(fn, out_shardings=state_args, donate_argnums=(0, 1)),
             list(copy((state.params, state.opt_state))),
         ]
         for name, fn in (("update (cond)", update_cond), ("update (select, before)", update_select))
     }
-    times = {"forward+backward": [], **{name: [] for name in updates}}
+    for name, update in (("step (cond)", update_cond), ("step (select, before)", update_select)):
+        variants[name] = [whole_step(update), list(copy((state.params, state.opt_state)))]
+    times = {"forward+backward": [], **{name: [] for name in variants}}
     for i in range(steps + 2):
         start = time.perf_counter()
         jax.block_until_ready(forward_backward(state, global_batch))
         if i >= 2:
             times["forward+backward"].append(time.perf_counter() - start)
-        for name, (fn, held) in updates.items():
+        for name, (fn, held) in variants.items():
             start = time.perf_counter()
-            held[:] = fn(*held, grads, loss)
+            held[:] = fn(*held, state, global_batch) if name.startswith("step") else fn(*held, grads, loss)
             jax.block_until_ready(held)
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
@@ -288,7 +299,7 @@ def main(argv):
         results["clip_jax"] = r = bench_jax_step(*args, with_breakdown=FLAGS.breakdown, **options)
         _print_step(f"clip_jax {FLAGS.variant} b{FLAGS.batch}", r, peak)
         for name, seconds in r.get("breakdown_s", {}).items():
-            share = r["model_flops_per_step"] / seconds / peak if name == "forward+backward" else None
+            share = None if name.startswith("update") else r["model_flops_per_step"] / seconds / peak
             print(f"  {name:24s} {seconds:.3f} s" + (f"  MFU {100 * share:5.1f}%" if share else ""))
         print(
             f"  model FLOPs/step {r['model_flops_per_step'] / 1e9:.1f} G (formula), XLA cost analysis "

@@ -14,6 +14,10 @@ Everything compared is measured in the same run (machines are noisy):
   and the compiled executable's memory;
 - ``--torch``: HF transformers' ``CLIPModel`` (PyTorch) on the same shapes, batch
   and optimizer, and the ratio of pairs/s;
+- ``--breakdown``: forward+backward alone, the optimizer update alone (as the
+  step runs it, `optim.update_if`, and as a select of new against old state, the
+  code before), and the whole step both ways, each jitted with the state donated,
+  timed in turns;
 - ``--flip``: the same step with that share of image patches dropped, as a ratio;
 - ``--loss_memory``: per-device scratch memory of loss + gradient (compiled, not
   run) for the dense, local-rows and ring losses as the global batch doubles,
@@ -41,6 +45,9 @@ flags.DEFINE_string("remat", "none", "none | full | dots")
 flags.DEFINE_bool("scan", False, "nn.scan over blocks")
 flags.DEFINE_integer("steps", 5, "timed steps (after 2 untimed)", lower_bound=1)
 flags.DEFINE_bool("torch", False, "also time HF transformers' CLIPModel (PyTorch) on the same work")
+flags.DEFINE_bool(
+    "breakdown", False, "also time forward+backward alone and the optimizer update alone (cond and select)"
+)
 flags.DEFINE_float("flip", 0.0, "also time the step with this share of patches dropped (FLIP)")
 flags.DEFINE_bool("loss_memory", False, "sweep the losses' per-device memory against the global batch")
 flags.DEFINE_integer("devices", 0, "simulated CPU devices (sets XLA_FLAGS; 0: leave as is)")
@@ -75,7 +82,74 @@ def _timed(run_step, steps: int) -> list[float]:
     return times
 
 
-def bench_jax_step(variant, batch, dtype, loss, steps, patch_dropout=0.0, **model_options) -> dict:
+def breakdown(model, tx, loss_fn, state, shardings, global_batch, steps: int) -> dict:
+    """Median seconds, timed in turns: forward+backward alone, the update alone, and the whole
+    step, each with the update as `optim.update_if` (cond) and as the select it replaced."""
+    import jax
+    import optax
+
+    from clip_jax import nonfinite, optim, train
+    from clip_jax.data import transforms
+    from clip_jax.models import clip
+
+    gradient_fn = train.make_gradient_fn(model, loss_fn, 1)
+    clamp = lambda p: clip.clamp_logit_scale(p, clip.scale_cap(model))
+
+    def grads_of(state, batch):
+        images = transforms.normalize(batch["image"])
+        rng = jax.random.fold_in(jax.random.key(0), state.step)
+        (loss, _), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
+        return loss, grads
+
+    def update_cond(params, opt_state, grads, loss):
+        grad_norm = optax.global_norm(grads)
+        ok = nonfinite.finite(loss, grad_norm)
+        return optim.update_if(ok, tx, grads, opt_state, params, clamp, grad_norm)
+
+    def update_select(params, opt_state, grads, loss):
+        ok = nonfinite.finite(loss, optax.global_norm(grads))
+        updates, new_state = tx.update(grads, opt_state, params)
+        new_params = clamp(optax.apply_updates(params, updates))
+        return nonfinite.keep_if_finite(ok, new_params, params, new_state, opt_state)
+
+    def whole_step(update):  # grads and update in one jit, as train.make_train_step
+        def step(params, opt_state, state, batch):
+            loss, grads = grads_of(state.replace(params=params), batch)
+            return update(params, opt_state, grads, loss)
+
+        return jax.jit(step, out_shardings=state_args, donate_argnums=(0, 1))
+
+    state_args = (shardings.params, shardings.opt_state)
+    forward_backward = jax.jit(grads_of)
+    loss, grads = forward_backward(state, global_batch)
+    jax.block_until_ready(grads)
+    # One copy of the state goes through every variant in turn (each donates it): the
+    # values differ between variants, the work does not; memory stays at two states.
+    held = jax.tree.map(lambda x: x.copy(), (state.params, state.opt_state))
+    variants = {
+        "update (cond)": jax.jit(update_cond, out_shardings=state_args, donate_argnums=(0, 1)),
+        "update (select, before)": jax.jit(update_select, out_shardings=state_args, donate_argnums=(0, 1)),
+        "step (cond)": whole_step(update_cond),
+        "step (select, before)": whole_step(update_select),
+    }
+    times = {"forward+backward": [], **{name: [] for name in variants}}
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        jax.block_until_ready(forward_backward(state, global_batch))
+        if i >= 2:
+            times["forward+backward"].append(time.perf_counter() - start)
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            held = fn(*held, state, global_batch) if name.startswith("step") else fn(*held, grads, loss)
+            jax.block_until_ready(held)
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_jax_step(
+    variant, batch, dtype, loss, steps, patch_dropout=0.0, with_breakdown=False, **model_options
+) -> dict:
     """Times clip_jax's full train step on all local devices; returns the figures."""
     import flax.linen as nn
     import jax
@@ -116,6 +190,10 @@ def bench_jax_step(variant, batch, dtype, loss, steps, patch_dropout=0.0, **mode
 
         _timed(run_step, 2)
         times = _timed(run_step, steps)
+        parts = None
+        if with_breakdown:
+            loss_fn = losses.make_loss(loss, mesh)
+            parts = breakdown(model, tx, loss_fn, holder["state"], shardings, global_batch, steps)
     step_s = statistics.median(times)
     patches = getattr(model.config.vision, "num_patches", None)  # None: a ResNet tower
     kept = None if patches is None else patches - int(patches * patch_dropout)
@@ -126,6 +204,7 @@ def bench_jax_step(variant, batch, dtype, loss, steps, patch_dropout=0.0, **mode
     mib = lambda name: getattr(memory, name, 0) / 2**20
     return {
         "framework": "clip_jax",
+        **({"breakdown_s": parts} if parts else {}),
         "devices": len(jax.devices()),
         "device_kind": jax.devices()[0].device_kind,
         "compile_s": compile_s,
@@ -216,8 +295,11 @@ def main(argv):
         print(f"matmul peak ({FLAGS.dtype}): {peak / 1e9:.1f} GFLOP/s at n={results['matmul_peak']['size']}")
         options = {"remat": FLAGS.remat, "scan": FLAGS.scan, "accum_steps": FLAGS.accum_steps}
         args = (FLAGS.variant, FLAGS.batch, FLAGS.dtype, FLAGS.loss, FLAGS.steps)
-        results["clip_jax"] = r = bench_jax_step(*args, **options)
+        results["clip_jax"] = r = bench_jax_step(*args, with_breakdown=FLAGS.breakdown, **options)
         _print_step(f"clip_jax {FLAGS.variant} b{FLAGS.batch}", r, peak)
+        for name, seconds in r.get("breakdown_s", {}).items():
+            share = None if name.startswith("update") else r["model_flops_per_step"] / seconds / peak
+            print(f"  {name:24s} {seconds:.3f} s" + (f"  MFU {100 * share:5.1f}%" if share else ""))
         print(
             f"  model FLOPs/step {r['model_flops_per_step'] / 1e9:.1f} G (formula), XLA cost analysis "
             f"{r['xla_flops_per_step'] / 1e9:.1f} G; memory {json.dumps(r['memory_mib'])}"

@@ -176,11 +176,10 @@ def make_train_step(
         images = transforms.normalize(batch["image"])
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
         (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = clip.clamp_logit_scale(optax.apply_updates(state.params, updates), clip.scale_cap(model))
         grad_norm = optax.global_norm(grads)
         ok = nonfinite.finite(loss, grad_norm)
-        params, opt_state = nonfinite.keep_if_finite(ok, params, state.params, opt_state, state.opt_state)
+        clamp = lambda p: clip.clamp_logit_scale(p, clip.scale_cap(model))
+        params, opt_state = optim.update_if(ok, tx, grads, state.opt_state, state.params, clamp, grad_norm)
         stats = {
             **stats,
             "loss": loss,

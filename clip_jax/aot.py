@@ -5,7 +5,7 @@
 
 Builds the slice's devices from libtpu's topology description (no TPU needed,
 only ``pip install 'clip-jax-tpu[tpu]'``), lowers and compiles the real train
-step (``train.make_train_step`` with the run's state and batch shardings) for
+step (``step.make_train_step`` with the run's state and batch shardings) for
 them, and prints XLA's per-device memory analysis next to the chip's HBM, and
 XLA's cost analysis (FLOPs, bytes accessed) with the roofline bound it implies
 on the chip: the least step time and the most MFU the slice could reach.
@@ -33,7 +33,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from clip_jax import chips, cli, losses, optim, recipe, sharding, telemetry, train, validation
+from clip_jax import chips, cli, losses, optim, recipe, sharding, step, telemetry, validation
 
 GIB = 1 << 30
 
@@ -113,16 +113,16 @@ def abstract_inputs(config: ml_collections.ConfigDict, devices: list):
     tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
     # Outside jax.set_mesh: nothing may run on compile-only devices (state_shardings draws a key).
     with nn.logical_axis_rules(sharding.RULES):
-        abstract, shardings = train.state_shardings(model, tx, mesh)
+        abstract, shardings = step.state_shardings(model, tx, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
         loss_fn = losses.make_loss(config.train.loss, mesh)
-        step = train.make_train_step(
+        train_step = step.make_train_step(
             model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed
         )
-        step_fn = train.compile_train_step(step, shardings, mesh)
+        step_fn = step.compile_train_step(train_step, shardings, mesh)
     size, length = model.config.vision.image_size, model.config.text.context_length
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {

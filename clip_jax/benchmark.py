@@ -88,11 +88,11 @@ def breakdown(model, tx, loss_fn, state, shardings, global_batch, steps: int) ->
     import jax
     import optax
 
-    from clip_jax import nonfinite, optim, train
+    from clip_jax import nonfinite, optim, step
     from clip_jax.data import transforms
     from clip_jax.models import clip
 
-    gradient_fn = train.make_gradient_fn(model, loss_fn, 1)
+    gradient_fn = step.make_gradient_fn(model, loss_fn, 1)
     clamp = lambda p: clip.clamp_logit_scale(p, clip.scale_cap(model))
 
     def grads_of(state, batch):
@@ -112,7 +112,7 @@ def breakdown(model, tx, loss_fn, state, shardings, global_batch, steps: int) ->
         new_params = clamp(optax.apply_updates(params, updates))
         return nonfinite.keep_if_finite(ok, new_params, params, new_state, opt_state)
 
-    def whole_step(update):  # grads and update in one jit, as train.make_train_step
+    def whole_step(update):  # grads and update in one jit, as step.make_train_step
         def step(params, opt_state, state, batch):
             loss, grads = grads_of(state.replace(params=params), batch)
             return update(params, opt_state, grads, loss)
@@ -155,7 +155,7 @@ def bench_jax_step(
     import jax
     import numpy as np
 
-    from clip_jax import losses, optim, recipe, sharding, train
+    from clip_jax import losses, optim, recipe, sharding, step
     from clip_jax.config_defaults import base_config
     from clip_jax.models import clip
 
@@ -173,14 +173,14 @@ def bench_jax_step(
         "tokens": rng.integers(1, model.config.text.vocab_size, (batch, length)).astype(np.int32),
     }
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        _, shardings = train.state_shardings(model, tx, mesh)
-        state = jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=shardings)(jax.random.key(0))
-        step = train.make_train_step(
+        _, shardings = step.state_shardings(model, tx, mesh)
+        state = jax.jit(lambda r: step.init_state(model, tx, r), out_shardings=shardings)(jax.random.key(0))
+        train_step = step.make_train_step(
             model, tx, schedule, losses.make_loss(loss, mesh), model_options.get("accum_steps", 1)
         )
         global_batch = sharding.to_global(batch_np, mesh)
         start = time.perf_counter()
-        compiled = train.compile_train_step(step, shardings, mesh).lower(state, global_batch).compile()
+        compiled = step.compile_train_step(train_step, shardings, mesh).lower(state, global_batch).compile()
         compile_s = time.perf_counter() - start
         holder = {"state": state}
 

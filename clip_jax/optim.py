@@ -14,7 +14,7 @@ matched by several takes the product; a factor of 0 freezes). Each parameter's u
 is scaled after AdamW (decay included, so it is AdamW at ``factor * lr``); frozen
 parameters receive -0.0 and stay bitwise unchanged. Frozen gradients are zeroed before
 clipping, so they do not shrink the trained parameters' step. The transforms are
-stateless, so the state layout (and `train.state_shardings`, which maps it with
+stateless, so the state layout (and `step.state_shardings`, which maps it with
 ``optax.tree_utils.tree_map_params``, which cannot see through ``multi_transform``'s
 masks) is unchanged; the price is that frozen parameters keep (zero) Adam moments.
 With a scanned tower (``config.model.scan``) the blocks are one stacked subtree:

@@ -13,7 +13,7 @@ import pytest
 from conftest import load_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from clip_jax import checkpoint, recipe, sharding, train
+from clip_jax import checkpoint, recipe, sharding, step, train
 from clip_jax.data import elastic
 
 
@@ -32,8 +32,8 @@ class Crash(Exception):
 
 
 def crashing_compile(at_step: int):
-    """A `train.compile_train_step` whose step raises Crash once ``at_step`` steps are done."""
-    real_compile = train.compile_train_step
+    """A `step.compile_train_step` whose step raises Crash once ``at_step`` steps are done."""
+    real_compile = step.compile_train_step
 
     def compile_train_step(*args, **kwargs):
         step_fn = real_compile(*args, **kwargs)
@@ -61,7 +61,7 @@ def test_interrupted_run_resumes_bitwise_equal(tmp_path, scenes_dataset, monkeyp
 
     # Crash right after step 5's update (its checkpoint is step 3), then restart.
     with monkeypatch.context() as patch:
-        patch.setattr(train, "compile_train_step", crashing_compile(5))
+        patch.setattr(step, "compile_train_step", crashing_compile(5))
         with pytest.raises(Crash):
             train.run(config, str(tmp_path / "resumed"))
     saved = [int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit()]
@@ -92,13 +92,13 @@ def toy_iterator():
     return iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
 
 
-def toy_state(step, mesh, value=None):
-    """A TrainState of a few sharded arrays; ``value`` fills the params (default: the step)."""
+def toy_state(n, mesh, value=None):
+    """A TrainState at step ``n`` of a few sharded arrays; ``value`` fills the params (default: ``n``)."""
     fsdp = NamedSharding(mesh, PartitionSpec("fsdp"))
-    w = jnp.arange(64, dtype=jnp.float32) + (step if value is None else value)
-    params = {"w": jax.device_put(w, fsdp), "b": jnp.float32(step)}
-    return train.TrainState(
-        step=jnp.int32(step), params=params, opt_state={"mu": jax.device_put(w * 2, fsdp)}, model_state={}
+    w = jnp.arange(64, dtype=jnp.float32) + (n if value is None else value)
+    params = {"w": jax.device_put(w, fsdp), "b": jnp.float32(n)}
+    return step.TrainState(
+        step=jnp.int32(n), params=params, opt_state={"mu": jax.device_put(w * 2, fsdp)}, model_state={}
     )
 
 
@@ -111,9 +111,9 @@ def abstract_and_shardings(mesh):
 def save_steps(directory, steps, mesh, fingerprint=FINGERPRINT, **config):
     checkpoints = checkpoint.Checkpoints(str(directory), checkpoint_config(**config), fingerprint)
     iterator = toy_iterator()
-    for step in steps:
+    for n in steps:
         next(iterator)
-        checkpoints.save(step, toy_state(step, mesh), iterator, {"loss": jnp.float32(1.0)}, force=True)
+        checkpoints.save(n, toy_state(n, mesh), iterator, {"loss": jnp.float32(1.0)}, force=True)
     checkpoints.close()
     return checkpoints
 
@@ -135,13 +135,13 @@ def mesh8():
 
 def test_each_committed_step_has_a_manifest_of_its_files(tmp_path, mesh8):
     save_steps(tmp_path / "ckpt", [2, 4], mesh8)
-    for step in (2, 4):
-        manifest = json.loads((tmp_path / "ckpt" / str(step) / checkpoint.MANIFEST).read_text())
+    for saved in (2, 4):
+        manifest = json.loads((tmp_path / "ckpt" / str(saved) / checkpoint.MANIFEST).read_text())
         files = {
-            str(p.relative_to(tmp_path / "ckpt" / str(step)))
-            for p in (tmp_path / "ckpt" / str(step)).rglob("*")
+            str(p.relative_to(tmp_path / "ckpt" / str(saved)))
+            for p in (tmp_path / "ckpt" / str(saved)).rglob("*")
         }
-        assert set(manifest) == {f for f in files if (tmp_path / "ckpt" / str(step) / f).is_file()} - {
+        assert set(manifest) == {f for f in files if (tmp_path / "ckpt" / str(saved) / f).is_file()} - {
             "checksums.json"
         }
         assert any(name.startswith("state/") for name in manifest) and any("data" in n for n in manifest)
@@ -275,15 +275,15 @@ def test_a_checkpoint_saved_on_4_devices_restores_on_8_bitwise_equal(tmp_path, s
     mesh4 = sharding.make_mesh({"data": 1, "fsdp": -1, "model": 1}, devices=jax.devices()[:4])
     mesh8 = sharding.make_mesh({"data": 1, "fsdp": -1, "model": 1})
     with jax.set_mesh(mesh4), nn.logical_axis_rules(sharding.RULES):
-        abstract, shardings4 = train.state_shardings(model, tx, mesh4)
-        init = jax.jit(lambda rng: train.init_state(model, tx, rng), out_shardings=shardings4)
+        abstract, shardings4 = step.state_shardings(model, tx, mesh4)
+        init = jax.jit(lambda rng: step.init_state(model, tx, rng), out_shardings=shardings4)
         state4 = init(jax.random.key(3))
         state4 = state4.replace(opt_state=jax.tree.map(shift_floats, state4.opt_state))
         checkpoints = checkpoint.Checkpoints(str(tmp_path / "ckpt"), checkpoint_config(), FINGERPRINT)
         checkpoints.save(6, state4, toy_iterator(), force=True)
         checkpoints.close()
     with jax.set_mesh(mesh8), nn.logical_axis_rules(sharding.RULES):
-        _, shardings8 = train.state_shardings(model, tx, mesh8)
+        _, shardings8 = step.state_shardings(model, tx, mesh8)
         checkpoints = checkpoint.Checkpoints(str(tmp_path / "ckpt"), checkpoint_config(), FINGERPRINT)
         state8 = checkpoints.restore(abstract, shardings8, toy_iterator())
         checkpoints.close()

@@ -4,7 +4,7 @@ import jax
 import pytest
 from conftest import CONFIGS_DIR, load_config
 
-from clip_jax import recipe, train, validation
+from clip_jax import recipe, step, train, validation
 from clip_jax.models import clip
 
 CONFIGS = sorted(p.stem for p in CONFIGS_DIR.glob("*.py"))
@@ -22,7 +22,7 @@ def test_config_builds_at_full_size(name):
     validation.check_config(config)
     model = recipe.build_model(config)
     tx, _ = train.optim.make_optimizer(config.optim, config.train.total_steps)
-    state = jax.eval_shape(lambda: train.init_state(model, tx, jax.random.key(0)))
+    state = jax.eval_shape(lambda: step.init_state(model, tx, jax.random.key(0)))
     count = sum(x.size for x in jax.tree.leaves(state.params))
     assert count > 0
     assert len(jax.tree.leaves(state.opt_state)) > len(jax.tree.leaves(state.params))

@@ -22,7 +22,7 @@ import pytest
 from conftest import load_config
 from test_checkpoint import Crash, assert_trees_bitwise_equal, crashing_compile, restore, save_steps
 
-from clip_jax import checkpoint, export, sharding, storage, train, validation
+from clip_jax import checkpoint, export, sharding, step, storage, train, validation
 from clip_jax.data import webdataset
 from clip_jax.interop import files, mapping
 from clip_jax.workdir import TOKENIZER_FILE
@@ -104,15 +104,15 @@ def test_a_gs_workdir_trains_resumes_bitwise_and_exports(gcs, scenes_dataset, tm
     # Interrupted after step 5 (the checkpoints are steps 2 and 4), then run again.
     workdir = f"{gcs}/runs/demo"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "compile_train_step", crashing_compile(5))
+        patch.setattr(step, "compile_train_step", crashing_compile(5))
         with pytest.raises(Crash):
             train.run(small_demo(scenes_dataset, 6), workdir)
     objects = storage.files_under(workdir)
     for name in ("config.json", "tokenizer.model", "metrics.jsonl"):
         assert name in objects, objects
-    for step in (2, 4):
-        assert f"checkpoints/{step}/{checkpoint.MANIFEST}" in objects
-        assert f"checkpoints/{step}/commit_success.txt" in objects
+    for saved in (2, 4):
+        assert f"checkpoints/{saved}/{checkpoint.MANIFEST}" in objects
+        assert f"checkpoints/{saved}/commit_success.txt" in objects
     assert any(n.startswith("tensorboard/events.out.tfevents") for n in objects)
     manifest = json.loads(storage.read_text(f"{workdir}/checkpoints/4/{checkpoint.MANIFEST}"))
     assert manifest and all({"size", "crc32c"} <= set(entry) for entry in manifest.values())

@@ -1,12 +1,15 @@
 """The module import graph of clip_jax/, read from the source (every ``import`` and ``from``,
-function-local ones included): no cycles, and only the entry points import `clip_jax.train`."""
+function-local ones included): no cycles, only the entry points import `clip_jax.train` (the
+loop), and `clip_jax.step` (the jitted step, what aot and benchmark compile) reads no config."""
 
 import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "clip_jax"
 # `python -m` programs that train: the only modules that may import clip_jax.train.
-ENTRY_POINTS = {"clip_jax.main", "clip_jax.aot", "clip_jax.benchmark", "clip_jax.data.emoji"}
+ENTRY_POINTS = {"clip_jax.main", "clip_jax.data.emoji"}
+# What turns a config or a workdir into objects (floors 3 and 4): the step builds on none of it.
+CONFIG_READERS = {"clip_jax.train", "clip_jax.recipe", "clip_jax.workdir", "clip_jax.validation"}
 
 
 def module_names() -> dict[str, pathlib.Path]:
@@ -94,3 +97,21 @@ def test_only_entry_points_import_train():
     assert importers <= ENTRY_POINTS, (
         f"modules that import clip_jax.train: {sorted(importers - ENTRY_POINTS)}"
     )
+
+
+def test_the_step_is_a_library_module():
+    graph = import_graph()
+    assert "clip_jax.step" in graph["clip_jax.train"]  # the loop runs it
+    assert not reachable(graph, "clip_jax.step") & CONFIG_READERS
+    for command in ("clip_jax.aot", "clip_jax.benchmark"):
+        assert "clip_jax.step" in graph[command] and "clip_jax.train" not in graph[command]
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen

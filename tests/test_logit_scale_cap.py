@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from clip_jax import cli, losses, train
+from clip_jax import cli, losses, step
 from clip_jax.models import clip
 from clip_jax.recipe import build_model
 
@@ -33,14 +33,14 @@ def scale_after_one_step(model, loss, start):
     params = nn.meta.unbox(model.init(jax.random.key(0), images, tokens)["params"])
     params["logit_scale"] = jnp.float32(math.log(start))
     tx = optax.sgd(0.0)
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), {})
-    step = train.make_train_step(model, tx, optax.constant_schedule(0.0), losses.BUILDERS[loss](None))
+    state = step.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), {})
+    train_step = step.make_train_step(model, tx, optax.constant_schedule(0.0), losses.BUILDERS[loss](None))
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 256, images.shape, dtype=np.uint8),
         "tokens": rng.integers(1, model.config.text.vocab_size, tokens.shape).astype(np.int32),
     }
-    new_state, _ = jax.jit(step)(state, batch)
+    new_state, _ = jax.jit(train_step)(state, batch)
     return float(np.exp(new_state.params["logit_scale"]))
 
 

@@ -39,7 +39,7 @@ def worker(out: str, coordinator: str | None = None, num_processes: int = 1, pro
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from clip_jax import losses, optim, recipe, sharding, train
+    from clip_jax import losses, optim, recipe, sharding, step
 
     spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
@@ -52,13 +52,13 @@ def worker(out: str, coordinator: str | None = None, num_processes: int = 1, pro
     model = recipe.build_model(config, vocab_size=128)
     tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        abstract, shardings = train.state_shardings(model, tx, mesh)
-        state = jax.jit(lambda rng: train.init_state(model, tx, rng), out_shardings=shardings)(
+        abstract, shardings = step.state_shardings(model, tx, mesh)
+        state = jax.jit(lambda rng: step.init_state(model, tx, rng), out_shardings=shardings)(
             jax.random.key(0)
         )
         init = multihost_utils.process_allgather(state.params, tiled=True)
-        step = train.make_train_step(model, tx, schedule, losses.make_loss("softmax", mesh))
-        step_fn = train.compile_train_step(step, shardings, mesh)
+        train_step = step.make_train_step(model, tx, schedule, losses.make_loss("softmax", mesh))
+        step_fn = step.compile_train_step(train_step, shardings, mesh)
         rng, size = np.random.default_rng(0), model.config.vision.image_size
         batch_sharding = sharding.batch_sharding(mesh)
         batches = [

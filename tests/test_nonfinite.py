@@ -1,5 +1,5 @@
 """Non-finite steps: a NaN loss or gradient (injected by the test, wrapping the loss given to
-`train.make_train_step`) is not applied, is counted, and the run goes on; N in a row stop it
+`step.make_train_step`) is not applied, is counted, and the run goes on; N in a row stop it
 naming the step and the last good checkpoint; a killed run with a skipped step resumes
 bitwise equal to the uninterrupted one."""
 
@@ -18,8 +18,9 @@ import pytest
 from test_checkpoint import Crash, assert_trees_bitwise_equal, crashing_compile, small_demo
 from test_train import ROOT, SMALL_SCENES
 
-from clip_jax import cli, losses, nonfinite, optim, recipe, sharding, train
+from clip_jax import cli, losses, nonfinite, optim, recipe, sharding, step, train
 from clip_jax.config_defaults import base_config
+from clip_jax.data import transforms
 from clip_jax.models import clip
 
 
@@ -44,17 +45,17 @@ def injecting(loss_fn, nan_loss, nan_grad):
 
 
 def injecting_step(nan_loss_steps=(), nan_grad_steps=()):
-    """A `train.make_train_step` whose steps numbered ``nan_loss_steps`` (1-based) get a NaN
+    """A `step.make_train_step` whose steps numbered ``nan_loss_steps`` (1-based) get a NaN
     loss, and ``nan_grad_steps`` a NaN gradient: the test's injection, not a config flag."""
-    real = train.make_train_step
+    real = step.make_train_step
 
     def make_train_step(model, tx, schedule, loss_fn, *args, **kwargs):
-        def step(state, batch):
+        def train_step(state, batch):
             now = state.step + 1
             bad = [jnp.isin(now, jnp.asarray(s, jnp.int32)) for s in (nan_loss_steps, nan_grad_steps)]
             return real(model, tx, schedule, injecting(loss_fn, *bad), *args, **kwargs)(state, batch)
 
-        return step
+        return train_step
 
     return make_train_step
 
@@ -80,13 +81,13 @@ def tiny():
     batch = {"image": images, "tokens": tokens}
     make = injecting_step([NAN_LOSS_STEP], [NAN_GRAD_STEP])
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        _, shardings = train.state_shardings(model, tx, mesh)
-        state = jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=shardings)(jax.random.key(0))
+        _, shardings = step.state_shardings(model, tx, mesh)
+        state = jax.jit(lambda r: step.init_state(model, tx, r), out_shardings=shardings)(jax.random.key(0))
         loss_fn = losses.make_loss("softmax", mesh)
-        step = train.compile_train_step(make(model, tx, schedule, loss_fn), shardings, mesh)
+        step_fn = step.compile_train_step(make(model, tx, schedule, loss_fn), shardings, mesh)
         states = [(jax.device_get(state), None)]
         for _ in range(5):
-            state, metrics = step(state, sharding.to_global(batch, mesh))
+            state, metrics = step_fn(state, sharding.to_global(batch, mesh))
             states.append(jax.device_get((state, metrics)))
     return model, tx, mesh, batch, shardings, states
 
@@ -129,19 +130,19 @@ def test_a_finite_step_is_the_plain_update(tiny):
     model, tx, mesh, batch, shardings, states = tiny
     (s2, _), (s3, m3) = states[2:4]
     loss_fn = injecting(losses.make_loss("softmax", mesh), False, False)
-    gradient_fn = train.make_gradient_fn(model, loss_fn, 1)
+    gradient_fn = step.make_gradient_fn(model, loss_fn, 1)
 
     def plain(state, batch):  # make_train_step's update, without the non-finite guard
-        images = train.transforms.normalize(batch["image"])
+        images = transforms.normalize(batch["image"])
         rng = jax.random.fold_in(jax.random.key(0), state.step)
         (loss, _), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         return clip.clamp_logit_scale(optax.apply_updates(state.params, updates)), opt_state, loss
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        step = jax.jit(plain, in_shardings=(shardings, sharding.batch_sharding(mesh)))
+        plain_step = jax.jit(plain, in_shardings=(shardings, sharding.batch_sharding(mesh)))
         params, opt_state, loss = jax.device_get(
-            step(jax.device_put(s2, shardings), sharding.to_global(batch, mesh))
+            plain_step(jax.device_put(s2, shardings), sharding.to_global(batch, mesh))
         )
     assert float(m3["nonfinite"]) == 0.0
     np.testing.assert_array_equal(m3["loss"], loss)
@@ -154,8 +155,8 @@ def test_a_finite_step_is_the_plain_update(tiny):
 
 def test_watch_counts_and_stops_after_n_in_a_row(capsys):
     watch = nonfinite.Watch(3, lambda: 6)
-    for step, skipped in [(1, False), (2, True), (3, True), (4, False), (5, True), (6, True)]:
-        watch.observe(step, skipped)
+    for n, skipped in [(1, False), (2, True), (3, True), (4, False), (5, True), (6, True)]:
+        watch.observe(n, skipped)
     assert (watch.total, watch.consecutive) == (4, 2)
     with pytest.raises(nonfinite.NonFiniteStepsError) as e:
         watch.observe(7, True)
@@ -180,7 +181,7 @@ def metric_rows(workdir):
 def test_a_run_skips_a_nan_step_goes_on_and_resumes_bitwise_equal(tmp_path, scenes_dataset, monkeypatch):
     config = small_demo(scenes_dataset)  # 9 steps, a checkpoint every 3
     config.eval.evaluators.scenes.diagnostics = False
-    monkeypatch.setattr(train, "make_train_step", injecting_step([4]))
+    monkeypatch.setattr(step, "make_train_step", injecting_step([4]))
     reference = train.run(config, str(tmp_path / "reference"))["state"]
     rows = metric_rows(tmp_path / "reference")
     assert [r["step"] for r in rows] == list(range(1, 10))
@@ -191,7 +192,7 @@ def test_a_run_skips_a_nan_step_goes_on_and_resumes_bitwise_equal(tmp_path, scen
 
     # Killed after step 5 (the skipped step 4 is past its checkpoint, step 3), then restarted.
     with monkeypatch.context() as patch:
-        patch.setattr(train, "compile_train_step", crashing_compile(5))
+        patch.setattr(step, "compile_train_step", crashing_compile(5))
         with pytest.raises(Crash):
             train.run(config, str(tmp_path / "resumed"))
     resumed = train.run(config, str(tmp_path / "resumed"))["state"]
@@ -206,7 +207,7 @@ def test_n_consecutive_nan_steps_stop_the_run_naming_the_step_and_checkpoint(
 ):
     config = small_demo(scenes_dataset)
     config.train.max_nonfinite_steps = 3
-    monkeypatch.setattr(train, "make_train_step", injecting_step([2, 4, 5, 6, 7, 8, 9]))
+    monkeypatch.setattr(step, "make_train_step", injecting_step([2, 4, 5, 6, 7, 8, 9]))
     stop = r"^training stopped at step 6: 3 consecutive steps \(4-6\) .* the last good checkpoint is step 3$"
     with pytest.raises(nonfinite.NonFiniteStepsError, match=stop):
         train.run(config, str(tmp_path))
@@ -219,9 +220,9 @@ def test_n_consecutive_nan_steps_stop_the_run_naming_the_step_and_checkpoint(
 # The entry point with every step's loss NaN (the test's injection, as above).
 NAN_MAIN = """
 import jax.numpy as jnp
-from clip_jax import cli, main, train
+from clip_jax import cli, main, step
 
-real = train.make_train_step
+real = step.make_train_step
 
 
 def make_train_step(model, tx, schedule, loss_fn, *args, **kwargs):
@@ -232,7 +233,7 @@ def make_train_step(model, tx, schedule, loss_fn, *args, **kwargs):
     return real(model, tx, schedule, nan_loss, *args, **kwargs)
 
 
-train.make_train_step = make_train_step
+step.make_train_step = make_train_step
 cli.run(main.main)
 """
 

@@ -357,8 +357,8 @@ def test_tiny_rn_learns_with_frozen_batch_norm():
 
 
 def test_resnet_tower_trains_through_the_train_step_with_frozen_batch_norm():
-    """tiny-rn through train.make_train_step: params move, the BatchNorm statistics do not."""
-    from clip_jax import optim, recipe, train
+    """tiny-rn through step.make_train_step: params move, the BatchNorm statistics do not."""
+    from clip_jax import optim, recipe, step
     from clip_jax.config_defaults import base_config
 
     config = base_config()
@@ -374,16 +374,16 @@ def test_resnet_tower_trains_through_the_train_step_with_frozen_batch_norm():
         "tokens": rng.integers(4, 200, (8, length)).astype(np.int32),
     }
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        _, shardings = train.state_shardings(model, tx, mesh)
-        state = jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=shardings)(jax.random.key(0))
+        _, shardings = step.state_shardings(model, tx, mesh)
+        state = jax.jit(lambda r: step.init_state(model, tx, r), out_shardings=shardings)(jax.random.key(0))
         assert "batch_stats" in state.model_state
         before = jax.device_get(state)
-        step = train.compile_train_step(
-            train.make_train_step(model, tx, schedule, losses.make_loss("softmax", mesh)), shardings, mesh
+        step_fn = step.compile_train_step(
+            step.make_train_step(model, tx, schedule, losses.make_loss("softmax", mesh)), shardings, mesh
         )
         losses_seen = []
         for _ in range(10):
-            state, metrics = step(state, sharding.to_global(batch, mesh))
+            state, metrics = step_fn(state, sharding.to_global(batch, mesh))
             losses_seen.append(float(metrics["loss"]))
     after = jax.device_get(state)
     stats_equal = jax.tree.map(lambda a, b: np.array_equal(a, b), before.model_state, after.model_state)

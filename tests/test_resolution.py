@@ -11,7 +11,7 @@ import optax
 import pytest
 import torch
 
-from clip_jax import inference, losses, train
+from clip_jax import inference, losses, step
 from clip_jax.interop import adapt, files, mapping
 from clip_jax.models import clip
 
@@ -57,11 +57,11 @@ def test_a_grid_that_is_not_square_is_refused():
 
 def first_step_loss(model, params, batch):
     tx = optax.sgd(0.1)
-    state = train.TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params), {})
-    step = train.make_train_step(
+    state = step.TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params), {})
+    train_step = step.make_train_step(
         model, tx, optax.constant_schedule(0.1), losses.BUILDERS["softmax_dense"](None)
     )
-    return float(jax.jit(step)(state, batch)[1]["loss"])
+    return float(jax.jit(train_step)(state, batch)[1]["loss"])
 
 
 def test_scanned_model_from_unscanned_weights_has_the_unscanned_first_step_loss(tiny_export):

@@ -8,8 +8,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import losses, optim, sharding, train
+from clip_jax import losses, optim, sharding, step
 from clip_jax.config_defaults import base_config
+from clip_jax.data import transforms
 from clip_jax.models import clip
 
 
@@ -56,12 +57,12 @@ def grads_on(mesh_shape, devices=None):
     model, tx, schedule, mesh = tiny_setup(mesh_shape, devices)
     loss_fn = losses.make_softmax_contrastive(mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        _, shardings = train.state_shardings(model, tx, mesh)
-        state = jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=shardings)(jax.random.key(0))
+        _, shardings = step.state_shardings(model, tx, mesh)
+        state = jax.jit(lambda r: step.init_state(model, tx, r), out_shardings=shardings)(jax.random.key(0))
         batch = sharding.to_global(random_batch(), mesh)
 
         def loss_of(params):
-            images = train.transforms.normalize(batch["image"])
+            images = transforms.normalize(batch["image"])
             return loss_fn(*model.apply({"params": params}, images, batch["tokens"]))[0]
 
         loss, grads = jax.jit(jax.value_and_grad(loss_of))(state.params)
@@ -102,14 +103,14 @@ def test_train_step_on_mesh_matches_one_device():
     def two_steps(mesh_shape, devices=None):
         model, tx, schedule, mesh = tiny_setup(mesh_shape, devices)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-            _, shardings = train.state_shardings(model, tx, mesh)
-            init = jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=shardings)
+            _, shardings = step.state_shardings(model, tx, mesh)
+            init = jax.jit(lambda r: step.init_state(model, tx, r), out_shardings=shardings)
             state = init(jax.random.key(0))
             initial = jax.device_get(state.params)
-            step = train.make_train_step(model, tx, schedule, losses.make_softmax_contrastive(mesh))
-            step = train.compile_train_step(step, shardings, mesh)
+            train_step = step.make_train_step(model, tx, schedule, losses.make_softmax_contrastive(mesh))
+            step_fn = step.compile_train_step(train_step, shardings, mesh)
             for seed in range(2):
-                state, metrics = step(state, sharding.to_global(random_batch(seed=seed), mesh))
+                state, metrics = step_fn(state, sharding.to_global(random_batch(seed=seed), mesh))
         return jax.device_get(state), jax.device_get(metrics), initial
 
     ref_state, ref_metrics, initial = two_steps({"data": 1}, jax.devices()[:1])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import losses, recipe, sharding, train
+from clip_jax import losses, recipe, sharding, step
 from clip_jax.config_defaults import base_config
 from clip_jax.models import clip, layers
 from clip_jax.models.vit import drop_patches
@@ -50,7 +50,7 @@ def test_accumulated_gradient_equals_whole_batch(loss_name):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         placed = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (images, tokens)]
         for accum in (1, 4):
-            fn = jax.jit(train.make_gradient_fn(model, loss_fn, accum))
+            fn = jax.jit(step.make_gradient_fn(model, loss_fn, accum))
             results[accum] = jax.device_get(fn(params, *placed, rng))
     (loss, stats), grads = results[4]
     (ref_loss, ref_stats), ref_grads = results[1]

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import load_config
 
-from clip_jax import goodput, train
+from clip_jax import goodput, step, train
 from clip_jax.data import formats
 
 DELAY_S = 1.0  # per batch, test-only: well above the tiny step's time on 2 busy cores (~0.3 s)
@@ -95,8 +95,8 @@ class Crash(Exception):
 
 
 def crashing_compile(at_step):
-    """train.compile_train_step whose step raises once the state reaches ``at_step``."""
-    original = train.compile_train_step
+    """step.compile_train_step whose step raises once the state reaches ``at_step``."""
+    original = step.compile_train_step
 
     def compile_train_step(*args):
         step_fn = original(*args)
@@ -117,7 +117,7 @@ def test_goodput_keeps_every_attempt_of_a_crashed_and_resumed_run(tmp_path, scen
     config.checkpoint.every = 2
     workdir = str(tmp_path / "run")
     with monkeypatch.context() as patch:
-        patch.setattr(train, "compile_train_step", crashing_compile(3))
+        patch.setattr(step, "compile_train_step", crashing_compile(3))
         with pytest.raises(Crash):
             train.run(config, workdir)
     crashed = json.loads((tmp_path / "run" / goodput.FILE).read_text())

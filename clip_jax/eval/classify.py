@@ -22,7 +22,7 @@ import numpy as np
 from clip_jax import cli, sharding, zeroshot_metadata
 from clip_jax.data import transforms
 from clip_jax.eval import stream, stream_sources, zeroshot
-from clip_jax.eval.evaluator import EvalContext
+from clip_jax.eval.evaluator import EvalContext, options
 from clip_jax.models import clip
 
 NAMED_TEMPLATES = {
@@ -85,7 +85,7 @@ class ZeroShotEvaluator:
     def from_config(cls, name: str, section: Mapping[str, Any], image_size: int) -> ZeroShotEvaluator:
         """From a ``config.eval.evaluators`` entry (dataset, every, templates, class_names, label_key,
         limit, tfds_data_dir)."""
-        get = lambda key: section.get(key) if hasattr(section, "get") else getattr(section, key, None)
+        get = options(section)
         if not get("dataset"):
             raise cli.UserError(f"config.eval.evaluators.{name}.dataset is not set")
         return cls(

@@ -15,7 +15,7 @@ memory does not grow with the set (embeddings, or only per-example results, are 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from jax.sharding import Mesh
@@ -50,6 +50,12 @@ class Evaluator(Protocol):
         """Flat metrics {metric: float} (chance/baseline entries end in ``_chance`` or
         ``_majority``); nested values (confusion matrices, reports) are allowed beside them."""
         ...
+
+
+def options(section: Mapping[str, Any] | Any) -> Callable[[str], Any]:
+    """``get(key)`` over a ``config.eval.evaluators`` entry, for an evaluator's ``from_config``:
+    ``section.get(key)`` of a ConfigDict or dict, else the attribute; None when not set."""
+    return lambda key: section.get(key) if hasattr(section, "get") else getattr(section, key, None)
 
 
 def due(evaluator: Evaluator, step: int, total_steps: int) -> bool:

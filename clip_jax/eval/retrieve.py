@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from clip_jax import cli, sharding
 from clip_jax.data import transforms
 from clip_jax.eval import retrieval, stream, stream_sources
-from clip_jax.eval.evaluator import EvalContext
+from clip_jax.eval.evaluator import EvalContext, options
 from clip_jax.models import clip
 
 
@@ -51,7 +51,7 @@ class RetrievalEvaluator:
     @classmethod
     def from_config(cls, name: str, section: Mapping[str, Any], image_size: int) -> RetrievalEvaluator:
         """From a ``config.eval.evaluators`` entry (dataset, every, limit, ks)."""
-        get = lambda key: section.get(key) if hasattr(section, "get") else getattr(section, key, None)
+        get = options(section)
         if not get("dataset") or get("dataset").split(":")[0] not in ("array_record", "wds"):
             raise cli.UserError(
                 f"config.eval.evaluators.{name}.dataset={get('dataset')!r}: retrieval reads "

@@ -3,7 +3,7 @@
 Held-out ArrayRecord pairs (or webdataset ``KEY.txt`` pairs) are read in global batches of
 ``ctx.train_batch_size`` (the last partial batch dropped, as training drops it), each
 process reading its rows; every batch's loss is ``ctx.loss_fn`` on the model's own
-temperature (and SigLIP bias), as `clip_jax.train.make_gradient_fn` computes it, but
+temperature (and SigLIP bias), as `clip_jax.step.make_gradient_fn` computes it, but
 without dropout or patch dropout. An example's caption is its first one (training draws
 one at random). A batch with an unreadable row is left out of the mean and counted
 (``n_skipped_batches``); the contrastive loss of a batch depends on all its rows.
@@ -23,7 +23,7 @@ import numpy as np
 from clip_jax import cli, sharding
 from clip_jax.data import transforms
 from clip_jax.eval import stream, stream_sources
-from clip_jax.eval.evaluator import EvalContext
+from clip_jax.eval.evaluator import EvalContext, options
 
 
 @dataclasses.dataclass
@@ -41,7 +41,7 @@ class ValLossEvaluator:
     @classmethod
     def from_config(cls, name: str, section: Mapping[str, Any], image_size: int) -> ValLossEvaluator:
         """From a ``config.eval.evaluators`` entry (dataset, every, limit)."""
-        get = lambda key: section.get(key) if hasattr(section, "get") else getattr(section, key, None)
+        get = options(section)
         if not get("dataset") or get("dataset").split(":")[0] not in ("array_record", "wds"):
             raise cli.UserError(
                 f"config.eval.evaluators.{name}.dataset={get('dataset')!r}: validation loss reads "

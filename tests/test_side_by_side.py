@@ -92,6 +92,18 @@ def test_torch_spec_refuses_resnet_and_unknown_variants():
         side_by_side.torch_spec("ViT-X/99", 2, "float32", 1, 1)
 
 
+def test_parent_starts_no_jax_backend():
+    """What the orchestrating process does with JAX (the PyTorch spec) starts no XLA client."""
+    code = (
+        "from jax._src import xla_bridge; from clip_jax import side_by_side; "
+        "side_by_side.torch_spec('ViT-B/32', 32, 'float32', 5, 3); "
+        "print(xla_bridge.backends_are_initialized())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_torch_child_protocol(tmp_path):
     """The PyTorch side alone: the spec in, the result out, JAX never imported, all cores."""
     pytest.importorskip("torch")
@@ -108,7 +120,8 @@ def test_torch_child_protocol(tmp_path):
     assert result["threads"] == torch_reference.available_cores()
     assert result["warmup"] == 1 and len(result["step_s_all"]) == 2
     assert result["step_s"] == statistics.median(result["step_s_all"])
-    assert (result["step_s_min"], result["step_s_max"]) == (min(result["step_s_all"]), max(result["step_s_all"]))
+    times = result["step_s_all"]
+    assert (result["step_s_min"], result["step_s_max"]) == (min(times), max(times))
     assert result["achieved_flops_per_s"] == pytest.approx(spec["model_flops_per_step"] / result["step_s"])
 
 
@@ -147,7 +160,8 @@ def test_side_by_side_two_runs(tmp_path):
         for side in (r["clip_jax"], r["torch"]):
             assert side["warmup"] == 1 and len(side["step_s_all"]) == 1
         assert r["ratio"] == pytest.approx(r["clip_jax"]["pairs_per_s"] / r["torch"]["pairs_per_s"])
-        assert r["mfu"] == pytest.approx(r["clip_jax"]["achieved_flops_per_s"] / r["matmul_peak"]["flops_per_s"])
+        peak = r["matmul_peak"]["flops_per_s"]
+        assert r["mfu"] == pytest.approx(r["clip_jax"]["achieved_flops_per_s"] / peak)
     median = results["median"]
     assert median["runs"] == 2
     for key in side_by_side.SUMMARY_KEYS:

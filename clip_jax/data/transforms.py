@@ -26,8 +26,10 @@ OpenAI CLIP's per-channel mean and std (open_clip's OPENAI_DATASET_MEAN/STD).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -57,15 +59,33 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     than ``max_pixels`` pixels, checked from the header before decoding) or
     ``decode_error`` (not an image, corrupt or cut short).
     """
+    return load_rgb(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image's header, read and checked (pixel count), no pixel decoded; `BadRecord` as
+    `decode_image`. `load_rgb` decodes it."""
     if not data:
         raise BadRecord("missing_image", "no image bytes")
+    with pillow_errors(data):
+        img = Image.open(io.BytesIO(data))
+        check_pixels(img.size, max_pixels)
+    return img
+
+
+def load_rgb(img: Image.Image) -> Image.Image:
+    """Decodes an `open_image` image -> RGB (EXIF orientation applied, alpha over white)."""
+    with pillow_errors():
+        img.load()  # decodes; the only step that costs time
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the pixels
+        return to_rgb(img)
+
+
+@contextlib.contextmanager
+def pillow_errors(data: bytes = b"") -> Iterator[None]:
+    """Pillow's errors inside -> `BadRecord` (``data``: the bytes, described when they are no image)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            check_pixels(img.size, max_pixels)
-            img.load()  # decodes; the only step that costs time
-            return to_rgb(ImageOps.exif_transpose(img))
-    except BadRecord:
-        raise
+        yield
     except Image.DecompressionBombError as e:  # Pillow's own header check, at 2x its limit
         raise BadRecord("bomb", f"rejected from the header: {e}") from None
     except UnidentifiedImageError:

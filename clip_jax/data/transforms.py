@@ -129,7 +129,13 @@ def _wide_to_l(img: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Resize the short side to ``size`` (bicubic), centre crop -> uint8 [size, size, 3]."""
+    """Resize the short side to ``size`` (bicubic), centre crop -> uint8 [size, size, 3].
+
+    Kept as resize-then-crop: one ``resize(box=...)`` of the centre region is ~8% cheaper
+    but not bit-identical (off by 1 in a few pixels of 40% of images); the reduced decode
+    (`clip_jax.data.sized_decode`), which is not exact anyway, uses the box. Likewise
+    ``reducing_gap`` changes pixels wherever it applies (a downscale over the gap).
+    """
     w, h = img.size
     if (w, h) != (size, size):
         scale = size / min(w, h)

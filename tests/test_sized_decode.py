@@ -9,7 +9,8 @@ import pytest
 from matplotlib import cbook
 from PIL import Image, ImageOps
 
-from clip_jax.data import pipeline, sized_decode, skips, tokenizer, transforms
+from clip_jax import config_defaults
+from clip_jax.data import formats, pipeline, records, sized_decode, skips, tokenizer, transforms
 
 # The stated tolerance of the reduced decode against the full one (uint8 pixels, over all
 # channels of the output). Measured on the photo below: mean abs diff 0.9-2.3, PSNR 36-46 dB.
@@ -173,3 +174,22 @@ def test_pipeline_flag_selects_the_path(photo, scenes_dataset):
         not np.array_equal(got["image"], exact["image"]) and psnr(got["image"], exact["image"]) > MIN_PSNR_DB
     )
     np.testing.assert_array_equal(got["tokens"], exact["tokens"])
+
+
+def test_config_data_reduced_decode_reaches_the_training_batches(photo, scenes_dataset, tmp_path):
+    tok = tokenizer.Tokenizer(scenes_dataset.tokenizer, 16)
+    files = records.write_shards(
+        [{"key": "0", "image": photo, "caption": "a red circle"}], str(tmp_path / "p"), 1
+    )
+    data = config_defaults.base_config().data
+    assert data.reduced_decode  # on by default
+    # One record: element g of the stream is that record, cropped with default_rng([seed, g, 0]).
+    expected = np.stack([old_random_resized_crop(photo, 112, [0, g, 0]) for g in range(2)])
+    batches = {}
+    for reduced in (True, False):
+        data.reduced_decode = reduced
+        it = formats.from_config(data, files, tok, 112, 2, skips.SkipCounter())
+        batches[reduced] = next(it)["image"]
+        it.close()
+    np.testing.assert_array_equal(batches[False], expected)  # off: the pixels of before
+    assert not np.array_equal(batches[True], expected) and psnr(batches[True], expected) > MIN_PSNR_DB

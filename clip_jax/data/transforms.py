@@ -18,7 +18,8 @@ Geometry: training takes a random-resized crop (torchvision's and open_clip's
 CLIP with (0.9, 1.0) — and aspect ratio (3/4, 4/3), log-uniform), drawn from a
 ``np.random.Generator`` that the pipeline seeds per example, so a batch is
 reproducible and a resumed run draws the same crops. Evaluation resizes the
-short side (bicubic) and centre-crops.
+short side (bicubic) and centre-crops. `clip_jax.data.sized_decode` does both
+from encoded bytes, decoding a large JPEG at the reduced scale the crop needs.
 
 Normalisation happens on device, in the step: ``(x / 255 - mean) / std`` with
 OpenAI CLIP's per-channel mean and std (open_clip's OPENAI_DATASET_MEAN/STD).

@@ -4,7 +4,9 @@
     python -m clip_jax.benchmark --variant=tiny --batch=64 --flip=0.5
     python -m clip_jax.benchmark --loss_memory --devices=8
 
-Everything compared is measured in the same run (machines are noisy):
+Everything compared is measured in the same run (machines are noisy). Every timing
+is the median (with min and max) of ``--steps`` timed steps after ``--warmup`` untimed
+ones (after the compile):
 
 - the full train step (forward, backward, AdamW; state donated) of clip_jax:
   compile time, median step time, pairs/s, model FLOPs per step from the
@@ -13,7 +15,10 @@ Everything compared is measured in the same run (machines are noisy):
   share of the best matmul rate measured on this machine in this run (MFU),
   and the compiled executable's memory;
 - ``--torch``: HF transformers' ``CLIPModel`` (PyTorch) on the same shapes, batch
-  and optimizer, and the ratio of pairs/s;
+  and optimizer, and the ratio of pairs/s. Then each framework runs in a process of
+  its own (clip_jax in this module without ``--torch``, with the matmul peak), this
+  one only orchestrates; ``--runs=N`` repeats the pair, alternating which goes first,
+  and reports medians over runs (`clip_jax.side_by_side` states the fairness rules);
 - ``--breakdown``: forward+backward alone, the optimizer update alone (as the
   step runs it, `optim.update_if`, and as a select of new against old state, the
   code before), and the whole step both ways, each jitted with the state donated,
@@ -33,7 +38,7 @@ import time
 
 from absl import flags
 
-from clip_jax import cli
+from clip_jax import cli, side_by_side, storage, torch_reference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("variant", "ViT-B/32", "model variant (clip_jax.models.clip.VARIANTS)")
@@ -43,8 +48,22 @@ flags.DEFINE_string("loss", "softmax", "config.train.loss")
 flags.DEFINE_integer("accum_steps", 1, "micro-batches per step", lower_bound=1)
 flags.DEFINE_string("remat", "none", "none | full | dots")
 flags.DEFINE_bool("scan", False, "nn.scan over blocks")
-flags.DEFINE_integer("steps", 5, "timed steps (after 2 untimed)", lower_bound=1)
-flags.DEFINE_bool("torch", False, "also time HF transformers' CLIPModel (PyTorch) on the same work")
+flags.DEFINE_integer("steps", 5, "timed steps (the median is reported)", lower_bound=1)
+flags.DEFINE_integer("warmup", 3, "untimed steps before the timed ones (after the compile)", lower_bound=0)
+flags.DEFINE_bool(
+    "torch",
+    False,
+    "also time HF transformers' CLIPModel (PyTorch) on the same work; each side in its own process",
+)
+flags.DEFINE_integer(
+    "runs", 1, "with --torch: side-by-sides, alternating which goes first; medians over runs", lower_bound=1
+)
+flags.DEFINE_integer(
+    "child_timeout_s", 7200, "with --torch: seconds each side's process may take", lower_bound=1
+)
+flags.DEFINE_list(
+    "peak_sizes", [], "matmul sizes n of the peak (best over them); default 1024..4096, GPU 4096..16384"
+)
 flags.DEFINE_bool(
     "breakdown", False, "also time forward+backward alone and the optimizer update alone (cond and select)"
 )
@@ -82,7 +101,7 @@ def _timed(run_step, steps: int) -> list[float]:
     return times
 
 
-def breakdown(model, tx, loss_fn, state, shardings, global_batch, steps: int) -> dict:
+def breakdown(model, tx, loss_fn, state, shardings, global_batch, steps: int, warmup: int) -> dict:
     """Median seconds, timed in turns: forward+backward alone, the update alone, and the whole
     step, each with the update as `optim.update_if` (cond) and as the select it replaced."""
     import jax
@@ -133,24 +152,25 @@ def breakdown(model, tx, loss_fn, state, shardings, global_batch, steps: int) ->
         "step (select, before)": whole_step(update_select),
     }
     times = {"forward+backward": [], **{name: [] for name in variants}}
-    for i in range(steps + 2):
+    for i in range(warmup + steps):
         start = time.perf_counter()
         jax.block_until_ready(forward_backward(state, global_batch))
-        if i >= 2:
+        if i >= warmup:
             times["forward+backward"].append(time.perf_counter() - start)
         for name, fn in variants.items():
             start = time.perf_counter()
             held = fn(*held, state, global_batch) if name.startswith("step") else fn(*held, grads, loss)
             jax.block_until_ready(held)
-            if i >= 2:
+            if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_jax_step(
-    variant, batch, dtype, loss, steps, patch_dropout=0.0, with_breakdown=False, **model_options
+    variant, batch, dtype, loss, steps, warmup=3, patch_dropout=0.0, with_breakdown=False, **model_options
 ) -> dict:
-    """Times clip_jax's full train step on all local devices; returns the figures."""
+    """Times clip_jax's full train step on all local devices (``warmup`` untimed steps, then the
+    median of ``steps``); returns the figures."""
     import flax.linen as nn
     import jax
     import numpy as np
@@ -188,12 +208,12 @@ def bench_jax_step(
             holder["state"], metrics = compiled(holder["state"], global_batch)
             jax.block_until_ready(metrics)
 
-        _timed(run_step, 2)
+        _timed(run_step, warmup)
         times = _timed(run_step, steps)
         parts = None
         if with_breakdown:
             loss_fn = losses.make_loss(loss, mesh)
-            parts = breakdown(model, tx, loss_fn, holder["state"], shardings, global_batch, steps)
+            parts = breakdown(model, tx, loss_fn, holder["state"], shardings, global_batch, steps, warmup)
     step_s = statistics.median(times)
     patches = getattr(model.config.vision, "num_patches", None)  # None: a ResNet tower
     kept = None if patches is None else patches - int(patches * patch_dropout)
@@ -207,8 +227,12 @@ def bench_jax_step(
         **({"breakdown_s": parts} if parts else {}),
         "devices": len(jax.devices()),
         "device_kind": jax.devices()[0].device_kind,
+        "cores": torch_reference.available_cores(),
         "compile_s": compile_s,
+        "warmup": warmup,
         "step_s": step_s,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
         "step_s_all": times,
         "pairs_per_s": batch / step_s,
         "model_flops_per_step": flops,
@@ -272,56 +296,81 @@ def loss_memory_sweep(budget_mib: int, dim: int = 512, max_batch: int = 2**20) -
 def _print_step(label: str, r: dict, peak: float) -> None:
     mfu = r["achieved_flops_per_s"] / peak if peak else float("nan")
     print(
-        f"{label:28s} step {r['step_s']:.3f} s  {r['pairs_per_s']:8.1f} pairs/s  "
+        f"{label:28s} step {r['step_s']:.3f} s (min {r['step_s_min']:.3f}, max {r['step_s_max']:.3f})  "
+        f"{r['pairs_per_s']:8.1f} pairs/s  "
         f"{r['achieved_flops_per_s'] / 1e9:9.1f} GFLOP/s  MFU {100 * mfu:5.1f}%"
         + (f"  compile {r['compile_s']:.1f} s" if "compile_s" in r else "")
     )
 
 
-def main(argv):
-    del argv
-    if FLAGS.devices:
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={FLAGS.devices}"
+def _peak_sizes() -> tuple[int, ...] | None:
+    try:
+        sizes = tuple(int(n) for n in FLAGS.peak_sizes)
+    except ValueError:
+        raise cli.UserError(
+            f"--peak_sizes={','.join(FLAGS.peak_sizes)}: give whole numbers, e.g. 1024,2048"
+        ) from None
+    if any(n < 1 for n in sizes):
+        raise cli.UserError(f"--peak_sizes={','.join(FLAGS.peak_sizes)}: sizes must be positive")
+    return sizes or None
+
+
+def _bench_jax(results: dict) -> None:
+    """The matmul peak and clip_jax's step (and FLIP, breakdown) in this process, into ``results``."""
     import jax
 
-    results = {}
-    if FLAGS.loss_memory:
-        results["loss_memory"] = loss_memory_sweep(FLAGS.budget_mib)
-    else:
-        dtype = jax.numpy.dtype(FLAGS.dtype)
-        gpu = jax.default_backend() == "gpu"
-        results["matmul_peak"] = matmul_peak(dtype, (4096, 8192, 16384) if gpu else (1024, 2048, 3072, 4096))
-        peak = results["matmul_peak"]["flops_per_s"]
-        print(f"matmul peak ({FLAGS.dtype}): {peak / 1e9:.1f} GFLOP/s at n={results['matmul_peak']['size']}")
-        options = {"remat": FLAGS.remat, "scan": FLAGS.scan, "accum_steps": FLAGS.accum_steps}
-        args = (FLAGS.variant, FLAGS.batch, FLAGS.dtype, FLAGS.loss, FLAGS.steps)
-        results["clip_jax"] = r = bench_jax_step(*args, with_breakdown=FLAGS.breakdown, **options)
-        _print_step(f"clip_jax {FLAGS.variant} b{FLAGS.batch}", r, peak)
-        for name, seconds in r.get("breakdown_s", {}).items():
-            share = None if name.startswith("update") else r["model_flops_per_step"] / seconds / peak
-            print(f"  {name:24s} {seconds:.3f} s" + (f"  MFU {100 * share:5.1f}%" if share else ""))
-        print(
-            f"  model FLOPs/step {r['model_flops_per_step'] / 1e9:.1f} G (formula), XLA cost analysis "
-            f"{r['xla_flops_per_step'] / 1e9:.1f} G; memory {json.dumps(r['memory_mib'])}"
-        )
-        results["mfu"] = r["achieved_flops_per_s"] / peak
-        if FLAGS.flip:
-            results["clip_jax_flip"] = f = bench_jax_step(*args, patch_dropout=FLAGS.flip, **options)
-            _print_step(f"  + FLIP {FLAGS.flip:.0%}", f, peak)
-            results["flip_speedup"] = r["step_s"] / f["step_s"]
-            print(f"  FLIP {FLAGS.flip:.0%}: step time without / with masking {results['flip_speedup']:.2f}x")
-        if FLAGS.torch:
-            from clip_jax import torch_reference
+    dtype = jax.numpy.dtype(FLAGS.dtype)
+    gpu = jax.default_backend() == "gpu"
+    sizes = _peak_sizes() or ((4096, 8192, 16384) if gpu else (1024, 2048, 3072, 4096))
+    results["matmul_peak"] = matmul_peak(dtype, sizes)
+    peak = results["matmul_peak"]["flops_per_s"]
+    print(f"matmul peak ({FLAGS.dtype}): {peak / 1e9:.1f} GFLOP/s at n={results['matmul_peak']['size']}")
+    options = {"remat": FLAGS.remat, "scan": FLAGS.scan, "accum_steps": FLAGS.accum_steps}
+    args = (FLAGS.variant, FLAGS.batch, FLAGS.dtype, FLAGS.loss, FLAGS.steps, FLAGS.warmup)
+    results["clip_jax"] = r = bench_jax_step(*args, with_breakdown=FLAGS.breakdown, **options)
+    _print_step(f"clip_jax {FLAGS.variant} b{FLAGS.batch}", r, peak)
+    for name, seconds in r.get("breakdown_s", {}).items():
+        share = None if name.startswith("update") else r["model_flops_per_step"] / seconds / peak
+        print(f"  {name:24s} {seconds:.3f} s" + (f"  MFU {100 * share:5.1f}%" if share else ""))
+    print(
+        f"  model FLOPs/step {r['model_flops_per_step'] / 1e9:.1f} G (formula), XLA cost analysis "
+        f"{r['xla_flops_per_step'] / 1e9:.1f} G; memory {json.dumps(r['memory_mib'])}"
+    )
+    results["mfu"] = r["achieved_flops_per_s"] / peak
+    if FLAGS.flip:
+        results["clip_jax_flip"] = f = bench_jax_step(*args, patch_dropout=FLAGS.flip, **options)
+        _print_step(f"  + FLIP {FLAGS.flip:.0%}", f, peak)
+        results["flip_speedup"] = r["step_s"] / f["step_s"]
+        print(f"  FLIP {FLAGS.flip:.0%}: step time without / with masking {results['flip_speedup']:.2f}x")
 
-            results["torch"] = t = torch_reference.bench_hf_step(
-                FLAGS.variant, FLAGS.batch, FLAGS.dtype, FLAGS.steps
-            )
-            _print_step("HF transformers (PyTorch)", t, peak)
-            results["ratio_vs_torch"] = r["pairs_per_s"] / t["pairs_per_s"]
-            print(f"clip_jax / HF transformers pairs/s: {results['ratio_vs_torch']:.2f}x")
+
+def _jax_child_flags() -> dict:
+    """This command's flags for the clip_jax process of a side-by-side (no --torch, --runs, --json)."""
+    names = ("variant", "batch", "dtype", "loss", "accum_steps", "remat", "scan", "steps", "warmup")
+    names += ("breakdown", "flip", "devices")
+    return {**{n: FLAGS[n].value for n in names}, "peak_sizes": ",".join(FLAGS.peak_sizes)}
+
+
+def main(argv):
+    del argv
+    if FLAGS.dtype not in ("float32", "bfloat16"):
+        raise cli.UserError(f"--dtype={FLAGS.dtype}: use float32 or bfloat16")
+    if FLAGS.runs > 1 and not FLAGS.torch:
+        raise cli.UserError(f"--runs={FLAGS.runs} repeats the side-by-side: add --torch")
+    _peak_sizes()
+    if FLAGS.torch and not FLAGS.loss_memory:
+        # Both sides in processes of their own: this one starts no JAX backend.
+        results = side_by_side.run(_jax_child_flags(), FLAGS.runs, FLAGS.child_timeout_s)
+    else:
+        if FLAGS.devices:
+            os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={FLAGS.devices}"
+        results = {}
+        if FLAGS.loss_memory:
+            results["loss_memory"] = loss_memory_sweep(FLAGS.budget_mib)
+        else:
+            _bench_jax(results)
     if FLAGS.json:
-        with open(FLAGS.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+        storage.write_json(FLAGS.json, results)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,16 @@ def test_tokenizer_truncates_long_captions_and_keeps_eos(tok):
     np.testing.assert_array_equal(ids, tok([long[: 16 * tokenizer.CHARS_PER_TOKEN]])[0])
 
 
+def test_tokenizer_short_lists_give_the_ids_of_a_batch_encode(tok):
+    # Short lists are encoded one text at a time (no thread pool per call); long ones in one
+    # sentencepiece batch: the ids are the same.
+    texts = ["a small red circle", "", "a large blue bar above a small green cross", "zebra"]
+    batch = tok(texts * tokenizer.BATCH_ENCODE_MIN)
+    np.testing.assert_array_equal(tok(texts), batch[: len(texts)])
+    expected = [[tokenizer.BOS_ID, *tok._sp.encode(t), tokenizer.EOS_ID] for t in texts]
+    assert [list(row[: len(ids)]) for row, ids in zip(tok(texts), expected, strict=True)] == expected
+
+
 def test_tokenizer_is_picklable(tok):
     import pickle
 

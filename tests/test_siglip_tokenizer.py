@@ -60,6 +60,11 @@ def test_ids_equal_transformers_siglip_tokenizer(c4_layout):
     assert siglip_tokenizer.is_siglip_model(c4_layout)
 
 
+def test_short_and_long_lists_give_the_same_ids(c4_layout):
+    tok = SiglipTokenizer(c4_layout, CONTEXT)  # short lists: one text at a time; long: one batch
+    np.testing.assert_array_equal(tok(TRICKY), tok(TRICKY * siglip_tokenizer.BATCH_ENCODE_MIN)[: len(TRICKY)])
+
+
 def test_sticky_eos_and_eos_padding(c4_layout):
     tok = SiglipTokenizer(c4_layout, CONTEXT)
     short, long, literal = tok(["a cat", "the quick brown fox jumps " * 10, "a </s> b"])

@@ -1,35 +1,49 @@
 """Input-pipeline throughput: read + decode + augment + tokenise, images/s per core.
 
     python -m clip_jax.data.benchmark --tar='../shared/data/emoji/*.tar' \
-        --stored_size=256 --size=224 --num_images=2000
+        --stored_size=512 --size=224 --num_images=2000
 
-Three readers over the same records: a plain single-process PIL loop (the
-baseline), the Grain ArrayRecord pipeline and the streaming tar pipeline, each
-producing ``{"image": uint8 [b, size, size, 3], "tokens": int32 [b, L]}``.
-Per core = images/s divided by the CPU cores the process may use (the plain
-loop uses one). The ratio compares per-core throughput with the plain loop's.
+Readers over the same records, one after the other in one run: a plain
+single-process PIL loop (the baseline), the Grain ArrayRecord pipeline as it was
+before (full decode, sentencepiece's list encode per caption), with today's full
+(exact) decode, with the reduced-scale JPEG decode (`clip_jax.data.sized_decode`,
+``config.data.reduced_decode``) on 1 thread and on ``--num_threads``, and the
+streaming tar pipeline. Each produces ``{"image": uint8 [b, size, size, 3],
+"tokens": int32 [b, L]}``.
 
-``--stored_size``: the records are first re-encoded (JPEG q95, short side
-resized, enlarged if need be) into a temporary ArrayRecord file, so small
-images (the 64 px emoji) cost what web images stored at 256 px would. The last
-lines compare the Grain rate with what a host must deliver to keep a TPU v4-256
-busy training B/16, and say how many cores of this machine's speed that takes.
+Per core = images/s divided by the cores the reader may use (the plain loop and a
+1-thread reader: one). On a shared machine wall-clock rates move with the load, so
+the table also gives images per CPU-second of this process (all its threads): what
+one core that is fully ours would do. CPU/wall near the thread count means the
+threads run in parallel (Pillow releases the GIL while decoding and resizing).
+
+``--stored_size``: the records are first re-encoded (JPEG q95, short side resized,
+enlarged if need be) into a temporary ArrayRecord file, so small images (the 64 px
+emoji) cost what web images stored at that size would. The reduced decode only
+changes anything when the stored image is at least twice the crop's output size.
+
+The last table gives the cores per TPU host that B/16 and L/14 training needs at the
+measured rate, from stated assumptions (`HOSTS`, `MFU`, the models' FLOPs).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import itertools
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 from absl import flags
 from PIL import Image
 
-from clip_jax import cli
+from clip_jax import chips, cli
 from clip_jax.data import pipeline, records, skips, tokenizer, transforms, webdataset
+from clip_jax.models import clip
 
 _ARRAY_RECORD = flags.DEFINE_string("array_record", None, "Glob of ArrayRecord shards.")
 _TAR = flags.DEFINE_string("tar", None, "Glob of webdataset tar shards.")
@@ -38,11 +52,38 @@ _NUM = flags.DEFINE_integer("num_images", 2000, "Images timed per reader.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size of the Grain pipelines.")
 _THREADS = flags.DEFINE_integer("num_threads", 0, "Grain decode threads (0: the cores available).")
 _STORED = flags.DEFINE_integer("stored_size", 0, "Re-encode images at this short side first (0: as stored).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Runs of each reader (interleaved); the best is shown.")
 
-# TPU v4-256: 128 chips, 4 per host, 32 hosts. B/16 at 224 px trains at roughly 900-1,275
-# images/s per v4 chip (bf16, ~55-60% MFU), so each host must feed ~3.6k-5.1k images/s.
-V4_256_HOSTS, V4_HOST_VCPUS = 32, 240
-B16_PER_HOST = (3600, 5100)
+CORES = len(os.sched_getaffinity(0))  # the cores this process may use
+
+# Stated assumptions for the TPU table. Hosts: Google Cloud's TPU VM machine types
+# (cloud.google.com/tpu/docs/v4, /v5p, /v5e): 4 chips per host each.
+HOSTS = {
+    "v4": ("ct4p-hightpu-4t", 4, 240),
+    "v5e": ("ct5lp-hightpu-4t", 4, 112),  # a multi-host v5e pod's host
+    "v5p": ("ct5p-hightpu-4t", 4, 208),
+}
+MODELS = ("ViT-B/16", "ViT-L/14")
+# Model FLOPs utilisation assumed for training: images/s per chip = bf16 peak (clip_jax/chips.py)
+# x MFU / (3 x the forward FLOPs of one pair, clip_jax/models/clip.py:forward_flops_per_pair).
+MFU = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    rate: float  # images/s, wall clock
+    cpu_rate: float  # images per CPU-second of this process
+    cores: int  # cores the reader may use
+
+    @property
+    def per_core(self) -> float:
+        return self.rate / self.cores
+
+    @property
+    def utilisation(self) -> float:
+        """CPU-seconds per second: the cores kept busy."""
+        return self.rate / self.cpu_rate
 
 
 def restored(recs: list[dict], size: int) -> list[dict]:
@@ -58,42 +99,114 @@ def restored(recs: list[dict], size: int) -> list[dict]:
     return out
 
 
-def print_tpu_target(rate: float, cores: int) -> None:
-    """What a TPU v4-256 host needs for B/16 next to the measured Grain rate."""
-    per_core = rate / cores
-    low, high = B16_PER_HOST
-    print(
-        f"\nTPU v4-256 ({V4_256_HOSTS} hosts x 4 chips), ViT-B/16: each host must feed "
-        f"~{low:,}-{high:,} images/s.\nAt the measured {per_core:,.0f} images/s per core that takes "
-        f"{low / per_core:.0f}-{high / per_core:.0f} cores of this machine's speed per host "
-        f"(a v4 host has {V4_HOST_VCPUS} vCPUs; set config.data.num_workers accordingly)."
-    )
+@contextlib.contextmanager
+def list_encode() -> Iterator[None]:
+    """The tokenizer as it was before: sentencepiece's list encode (a thread pool) per caption."""
+    saved = tokenizer.BATCH_ENCODE_MIN
+    tokenizer.BATCH_ENCODE_MIN = 0
+    try:
+        yield
+    finally:
+        tokenizer.BATCH_ENCODE_MIN = saved
 
 
-def plain_loop(recs: list[dict], tok: tokenizer.Tokenizer, size: int, n: int) -> float:
-    """The baseline: decode, random-resized crop and tokenise one record at a time; images/s."""
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def plain_loop(recs: list[dict], tok: tokenizer.Tokenizer, size: int, n: int) -> Row:
+    """The baseline: decode, random-resized crop and tokenise one record at a time."""
     rng = np.random.default_rng(0)
-    start = time.perf_counter()
+    wall, cpu = clocks()
     for record in itertools.islice(itertools.cycle(recs), n):
         img = transforms.decode_image(record["image"])
         transforms.random_resized_crop(img, size, rng, (0.9, 1.0))
         tok([record["caption"]])
-    return n / (time.perf_counter() - start)
+    return _row("plain PIL loop (1 core)", n, wall, cpu, 1)
 
 
-def timed(it, batch_size: int, n: int) -> float:
-    """images/s of an iterator of batches, after one warm-up batch."""
+def timed(name: str, it, batch_size: int, n: int, cores: int) -> Row:
+    """The rates of an iterator of batches, after one warm-up batch; closes it."""
     next(it)
     batches = max(1, n // batch_size)
-    start = time.perf_counter()
+    wall, cpu = clocks()
     for _ in range(batches):
         next(it)
-    return batches * batch_size / (time.perf_counter() - start)
+    row = _row(name, batches * batch_size, wall, cpu, cores)
+    if callable(getattr(it, "close", None)):
+        it.close()
+    return row
+
+
+def _row(name: str, images: int, wall: float, cpu: float, cores: int) -> Row:
+    end_wall, end_cpu = clocks()
+    return Row(name, images / (end_wall - wall), images / max(end_cpu - cpu, 1e-9), cores)
+
+
+def grain_reader(files: list[str], tok, size: int, b: int, n: int, threads: int, reduced: bool, before=False):
+    """A reader of the Grain ArrayRecord pipeline (``before``: with the tokenizer's old list encode)."""
+    name = "before" if before else "reduced decode" if reduced else "exact decode"
+
+    def read() -> Row:
+        with list_encode() if before else contextlib.nullcontext():
+            it = pipeline.train_iterator(
+                files, tok, size, b, seed=0, num_threads=threads, stall_timeout_s=None, reduced_decode=reduced
+            )
+            return timed(f"Grain ArrayRecord, {name} ({threads} thr)", it, b, n, min(threads, CORES))
+
+    return read
+
+
+def best_of(readers: list, repeats: int) -> list[Row]:
+    """Each reader ``repeats`` times, interleaved (so a change of load hits all alike); the
+    best wall and the best CPU rate of each."""
+    runs = [[read() for read in readers] for _ in range(repeats)]
+    return [
+        dataclasses.replace(
+            tries[0], rate=max(t.rate for t in tries), cpu_rate=max(t.cpu_rate for t in tries)
+        )
+        for tries in zip(*runs, strict=True)
+    ]
+
+
+def print_table(rows: list[Row]) -> None:
+    base = rows[0]
+    head = ("reader", "images/s", "cores", "per core", "ratio", "img/CPU-s", "ratio", "CPU/wall")
+    print("{:<42}{:>9}{:>6}{:>9}{:>7}{:>10}{:>7}{:>9}".format(*head))
+    for r in rows:
+        print(
+            f"{r.name:<42}{r.rate:>9.0f}{r.cores:>6}{r.per_core:>9.0f}{r.per_core / base.per_core:>7.2f}"
+            f"{r.cpu_rate:>10.0f}{r.cpu_rate / base.cpu_rate:>7.2f}{r.utilisation:>9.2f}"
+        )
+
+
+def chip_rate(chip: str, model: str) -> float:
+    """Training images/s of one chip: bf16 peak x `MFU` / (3 x forward FLOPs per pair)."""
+    return chips.CHIPS[chip].bf16_flops * MFU / (3 * clip.forward_flops_per_pair(clip.VARIANTS[model]))
+
+
+def print_tpu_needs(row: Row) -> None:
+    """The cores per TPU host that training needs at ``row``'s per-core rates."""
+    print(
+        f"\nAssumed: {MFU:.0%} MFU of the bf16 peak (clip_jax/chips.py); training FLOPs per image = "
+        "3 x forward (clip_jax/models/clip.py:forward_flops_per_pair); hosts: 4 chips each "
+        f"({', '.join(f'{k} {v[0]}: {v[2]} vCPUs' for k, v in HOSTS.items())})."
+    )
+    print(f"Cores per host at {row.name}: {row.per_core:.0f}/core (wall), {row.cpu_rate:.0f}/CPU-s")
+    head = ("host", "model", "img/s/chip", "img/s/host", "cores (wall)", "(CPU-s)", "vCPUs")
+    print("{:<6}{:<10}{:>11}{:>11}{:>13}{:>9}{:>7}".format(*head))
+    for chip, (_, per_host, vcpus) in HOSTS.items():
+        for model in MODELS:
+            need = chip_rate(chip, model) * per_host
+            print(
+                f"{chip:<6}{model:<10}{need / per_host:>11.0f}{need:>11.0f}"
+                f"{need / row.per_core:>13.1f}{need / row.cpu_rate:>9.1f}{vcpus:>7}"
+            )
 
 
 def main(argv):
     del argv
-    cores = len(os.sched_getaffinity(0))
+    cores = CORES
     threads = _THREADS.value or cores
     files = records.expand(_ARRAY_RECORD.value, "--array_record") if _ARRAY_RECORD.value else []
     tars = records.expand(_TAR.value, "--tar") if _TAR.value else []
@@ -112,21 +225,23 @@ def main(argv):
         recs = restored(recs, _STORED.value)
         files = records.write_shards(recs, f"{tmp.name}/stored", 1)
     size, n, b = _SIZE.value, _NUM.value, _BATCH.value
-    stored = f"stored at {_STORED.value} px" if _STORED.value else "as stored"
-    rows = [("plain PIL loop (1 core)", plain_loop(recs, tok, size, n), 1)]
+    readers = [lambda: plain_loop(recs, tok, size, n)]
     if files:
-        it = pipeline.train_iterator(files, tok, size, b, seed=0, num_threads=threads, stall_timeout_s=None)
-        rows.append((f"Grain ArrayRecord ({threads} threads)", timed(it, b, n), cores))
+        readers.append(grain_reader(files, tok, size, b, n, threads, reduced=False, before=True))
+        readers.append(grain_reader(files, tok, size, b, n, threads, reduced=False))
+        if threads > 1:
+            readers.append(grain_reader(files, tok, size, b, n, 1, reduced=True))
+        readers.append(grain_reader(files, tok, size, b, n, threads, reduced=True))
     if tars:
-        it = webdataset.train_iterator(tars, tok, size, b, seed=0, stall_timeout_s=None)
-        rows.append(("Grain tar stream (1 thread, tar as is)", timed(it, b, n), 1))
-    base = rows[0][1]
-    print(f"\n{len(recs)} records, {stored}; output {size} px")
-    print(f"{'reader':<36}{'images/s':>10}{'cores':>7}{'per core':>10}{'ratio':>7}")
-    for name, rate, used in rows:
-        print(f"{name:<36}{rate:>10.0f}{used:>7}{rate / used:>10.0f}{rate / used / base:>7.2f}")
-    grain_rows = [(rate, used) for name, rate, used in rows if name.startswith("Grain ArrayRecord")]
-    print_tpu_target(*(grain_rows[0] if grain_rows else rows[0][1:]))
+        tar_it = lambda: webdataset.train_iterator(tars, tok, size, b, seed=0, stall_timeout_s=None)
+        readers.append(lambda: timed("Grain tar stream, tar as is (1 thr)", tar_it(), b, n, 1))
+    rows = best_of(readers, _REPEATS.value)
+    stored = f"stored at {_STORED.value} px" if _STORED.value else "as stored"
+    print(f"\n{len(recs)} records, {stored}; output {size} px; {cores} cores; ratios against the plain loop")
+    print(f"(reduced decode: crops >= {2 * size} px; best of {_REPEATS.value} interleaved runs each)")
+    print_table(rows)
+    grain = [r for r in rows if r.name.startswith("Grain ArrayRecord, reduced")]
+    print_tpu_needs(grain[-1] if grain else rows[0])
     tmp.cleanup()
 
 

@@ -39,6 +39,7 @@ def from_config(
         crop=crop,
         counter=counter,
         stall_timeout_s=data_config.stall_timeout_s,
+        reduced_decode=data_config.get("reduced_decode", True),
     )
     if sources:
         return pipeline.train_iterator(list(sources), **common)

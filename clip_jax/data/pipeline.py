@@ -35,7 +35,7 @@ import grain
 import jax
 import numpy as np
 
-from clip_jax.data import captions, elastic, mixture, records, skips, transforms, watchdog
+from clip_jax.data import captions, elastic, mixture, records, sized_decode, skips, transforms, watchdog
 from clip_jax.data.tokenizer import Tokenizer
 
 # The readers `from_config` knows (config.data.format).
@@ -60,7 +60,9 @@ class DecodeExample:
     """A record (msgpack bytes or dict) -> {"image": uint8 [S, S, 3], "tokens": int32 [L]}.
 
     ``crop``: random-resized crop drawn from the ``rng`` given (training); None:
-    resize + centre crop (evaluation). Raises `skips.BadRecord`.
+    resize + centre crop (evaluation). ``reduced_decode``: a JPEG larger than the crop
+    needs is decoded at 1/2, 1/4 or 1/8 scale (`clip_jax.data.sized_decode`); False: the
+    full decode. Raises `skips.BadRecord`.
     """
 
     tokenizer: Tokenizer
@@ -68,6 +70,7 @@ class DecodeExample:
     crop: Crop | None = None
     max_pixels: int = transforms.MAX_PIXELS
     caption_field: str | None = None  # None: "captions" (a list) or "caption"
+    reduced_decode: bool = False
 
     def __call__(self, element: bytes | dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
         record = element if isinstance(element, dict) else _unpack(element)
@@ -75,12 +78,12 @@ class DecodeExample:
             raise skips.BadRecord(record["bad"], record.get("detail") or record.get("key", ""))
         # Drawn first: the crop's randomness then does not depend on the number of captions.
         caption = captions.choose(record, rng, self.caption_field)
-        img = transforms.decode_image(record.get("image") or b"", self.max_pixels)
+        data, size, reduced = record.get("image") or b"", self.image_size, self.reduced_decode
         if self.crop is None or rng is None:
-            image = transforms.resize_center_crop(img, self.image_size)
+            image = sized_decode.resize_center_crop(data, size, self.max_pixels, reduced)
         else:
             scale, ratio = self.crop.scale, self.crop.ratio
-            image = transforms.random_resized_crop(img, self.image_size, rng, scale, ratio)
+            image = sized_decode.random_resized_crop(data, size, rng, scale, ratio, self.max_pixels, reduced)
         return {"image": image, "tokens": self.tokenizer([caption])[0]}
 
 
@@ -215,6 +218,7 @@ def train_iterator(
     stall_timeout_s: float | None = 600.0,
     process_index: int | None = None,
     process_count: int | None = None,
+    reduced_decode: bool = True,
 ) -> elastic.GlobalIterator:
     """An endless iterator of host-local training batches from ArrayRecord ``files``
     (or a MapDataset of records), or from a weighted mixture of `mixture.Source` s.
@@ -222,7 +226,9 @@ def train_iterator(
     This process reads its block of every global batch (`clip_jax.data.elastic`);
     ``process_index``/``process_count`` default to JAX's (tests pass others to simulate
     hosts). ``counter``: where skipped records are counted (a fresh one with the default
-    ceiling when None). ``crop=None``: centre crops (no augmentation).
+    ceiling when None). ``crop=None``: centre crops (no augmentation). ``reduced_decode``
+    (``config.data.reduced_decode``): JPEGs decoded at the scale the crop needs (see
+    `DecodeExample`); False: full decodes, the pixels of before.
     """
     if isinstance(files, (list, tuple)) and files and isinstance(files[0], mixture.Source):
         sources = list(files)
@@ -230,7 +236,9 @@ def train_iterator(
         sources = [mixture.Source("train", files)]
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    stream, describe = global_stream(sources, DecodeExample(tokenizer, image_size, crop), seed)
+    stream, describe = global_stream(
+        sources, DecodeExample(tokenizer, image_size, crop, reduced_decode=reduced_decode), seed
+    )
 
     def build(start: int) -> grain.DatasetIterator:
         ds = elastic.ProcessView(stream, start, local_batch_size, index, count)

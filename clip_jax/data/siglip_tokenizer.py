@@ -34,6 +34,8 @@ CONTEXT_LENGTH = 64  # SigLIP's and SigLIP 2's text length
 # Characters kept per context slot before encoding (a piece is at most 16 characters
 # by sentencepiece's default), so a 1 MB caption costs what a short one costs.
 CHARS_PER_TOKEN = 16
+# Shorter lists are encoded one text at a time (see `clip_jax.data.tokenizer`).
+BATCH_ENCODE_MIN = 256
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
@@ -76,7 +78,8 @@ class SiglipTokenizer:
         return text[: self.context_length * CHARS_PER_TOKEN]
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        pieces = self._sp.encode([self._text(t) for t in texts])
+        cut = [self._text(t) for t in texts]
+        pieces = [self._sp.encode(t) for t in cut] if len(cut) < BATCH_ENCODE_MIN else self._sp.encode(cut)
         out = np.full((len(texts), self.context_length), self.eos_id, np.int32)  # padded with EOS
         for row, ids in zip(out, pieces, strict=True):
             row[: min(len(ids), self.context_length - 1)] = ids[: self.context_length - 1]

@@ -34,6 +34,10 @@ LAYOUTS = {
 # Characters kept per context slot before encoding: a piece is rarely longer,
 # and cutting first makes a 1 MB caption cost what a short one costs.
 CHARS_PER_TOKEN = 16
+# sentencepiece's list encode starts a thread pool per call (30-100 us, more under Grain's
+# threads), where one caption takes ~2 us: lists shorter than this are encoded one text at
+# a time (the same ids).
+BATCH_ENCODE_MIN = 256
 
 
 class TokenizerFileError(cli.UserError, ValueError):
@@ -95,7 +99,8 @@ class Tokenizer:
         if self._siglip is not None:
             return self._siglip(texts)
         max_chars = self.context_length * CHARS_PER_TOKEN
-        pieces = self._sp.encode([t[:max_chars] for t in texts])
+        cut = [t[:max_chars] for t in texts]
+        pieces = [self._sp.encode(t) for t in cut] if len(cut) < BATCH_ENCODE_MIN else self._sp.encode(cut)
         out = np.zeros((len(texts), self.context_length), np.int32)
         for row, ids in zip(out, pieces, strict=True):
             ids = [BOS_ID, *ids[: self.context_length - 2], EOS_ID]

@@ -279,10 +279,11 @@ def train_iterator(
     stall_timeout_s: float | None = 600.0,
     num_epochs: int | None = None,
     max_member_bytes: int | None = None,
+    reduced_decode: bool = True,
 ) -> grain.DatasetIterator:
     """Host-local training batches read straight from tar shards (see `pipeline.train_iterator`);
     a member over ``max_member_bytes`` (default `bounded.MAX_MEMBER_BYTES`) is a ``too_large`` skip."""
-    decode = pipeline.DecodeExample(tokenizer, image_size, crop)
+    decode = pipeline.DecodeExample(tokenizer, image_size, crop, reduced_decode=reduced_decode)
     ds = (
         TarShards(shards, seed, shuffle_buffer, num_epochs, max_member_bytes=max_member_bytes)
         .pipe(DecodeSkipBad, decode)

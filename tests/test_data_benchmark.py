@@ -1,0 +1,41 @@
+"""The input-pipeline benchmark's command on a tiny input: every reader's row, and the TPU
+table from the stated assumptions (bf16 peak x MFU / 3 x forward FLOPs per pair)."""
+
+import io
+import re
+
+from absl import flags
+from absl.testing import flagsaver
+from PIL import Image
+
+from clip_jax.data import benchmark, records
+from clip_jax.models import clip
+
+
+def test_benchmark_prints_every_reader_and_the_cores_per_host(tmp_path, capsys):
+    recs = []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.new("RGB", (40 + i, 30), (30 * i, 80, 160)).save(buf, format="JPEG")
+        recs.append({"key": str(i), "image": buf.getvalue(), "caption": f"a blue box number {i}"})
+    files = records.write_shards(recs, str(tmp_path / "bench"), 1)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    options = dict(array_record=files[0], size=16, num_images=8, batch_size=4, repeats=1, num_threads=2)
+    with flagsaver.flagsaver(stored_size=64, **options):  # re-encoded at 64 px: the reduced decode applies
+        benchmark.main([])
+    out = capsys.readouterr().out
+    for reader in (
+        "plain PIL loop (1 core)",
+        "Grain ArrayRecord, before (2 thr)",
+        "Grain ArrayRecord, exact decode (2 thr)",
+        "Grain ArrayRecord, reduced decode (1 thr)",
+        "Grain ArrayRecord, reduced decode (2 thr)",
+    ):
+        assert re.search(re.escape(reader) + r"\s+\d+\s+\d\s+\d+\s+[\d.]+\s+\d+", out), reader
+    # v4: 275 TFLOP/s bf16 (Google's v4 page) at 50% MFU over 3 x B/16's forward FLOPs per pair.
+    b16 = round(275e12 * 0.5 / (3 * clip.forward_flops_per_pair(clip.VARIANTS["ViT-B/16"])))
+    assert 1000 < b16 < 1300  # ~41 GFLOP per pair forward
+    row = re.search(r"^v4\s+ViT-B/16\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+240$", out, re.M)
+    assert row and int(row[1]) == b16 and abs(int(row[2]) - 4 * b16) <= 2
+    assert "ct5lp-hightpu-4t: 112 vCPUs" in out and re.search(r"^v5p\s+ViT-L/14\s", out, re.M)

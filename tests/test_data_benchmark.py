@@ -4,10 +4,12 @@ table from the stated assumptions (bf16 peak x MFU / 3 x forward FLOPs per pair)
 import io
 import re
 
+import pytest
 from absl import flags
 from absl.testing import flagsaver
 from PIL import Image
 
+from clip_jax import cli
 from clip_jax.data import benchmark, records
 from clip_jax.models import clip
 
@@ -39,3 +41,11 @@ def test_benchmark_prints_every_reader_and_the_cores_per_host(tmp_path, capsys):
     row = re.search(r"^v4\s+ViT-B/16\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+240$", out, re.M)
     assert row and int(row[1]) == b16 and abs(int(row[2]) - 4 * b16) <= 2
     assert "ct5lp-hightpu-4t: 112 vCPUs" in out and re.search(r"^v5p\s+ViT-L/14\s", out, re.M)
+
+
+def test_benchmark_without_records_is_one_line():
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    no_records = flagsaver.flagsaver(array_record=None, tar=None)
+    with no_records, pytest.raises(cli.UserError, match="--array_record=GLOB or --tar=GLOB"):
+        benchmark.main([])

@@ -206,6 +206,8 @@ def print_tpu_needs(row: Row) -> None:
 
 def main(argv):
     del argv
+    if not (_ARRAY_RECORD.value or _TAR.value):
+        raise cli.UserError("give the records to time: --array_record=GLOB or --tar=GLOB")
     cores = CORES
     threads = _THREADS.value or cores
     files = records.expand(_ARRAY_RECORD.value, "--array_record") if _ARRAY_RECORD.value else []

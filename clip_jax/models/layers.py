@@ -79,9 +79,29 @@ class Projection(nn.Module):
         )
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
+    """``softmax(q k^T / sqrt(Dh)) v`` per head: q [B, T, H, Dh], k and v [B, S, H, Dh] -> [B, T, H, Dh].
+
+    The math of ``jax.nn.dot_product_attention``'s XLA path (which its default picks on every
+    backend): logits in float32 scaled after the dot, masked positions at a large negative,
+    softmax in float32. Written with the heads leading the batched dots, which XLA:CPU runs
+    ~2x faster forward + backward than that function's vmapped form (ViT-B/32 batch 32:
+    465 -> 229 ms of a 4.4 s step; `clip_jax.benchmark`). tests/test_attention.py: equal to it.
+    """
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, L, Dh]
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=logits_dtype)
+    logits = logits * jnp.asarray(q.shape[-1] ** -0.5, logits_dtype)
+    if causal:
+        mask = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+        logits = jnp.where(mask, logits, -0.7 * jnp.finfo(logits_dtype).max)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bhsd->bhtd", probs, v).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
-    """Multi-head attention through ``jax.nn.dot_product_attention``: self-attention, or
-    queries from ``x`` attending over ``context`` (the MAP head's probe)."""
+    """Multi-head attention (`attend`): self-attention, or queries from ``x`` attending
+    over ``context`` (the MAP head's probe)."""
 
     num_heads: int
     out_stddev: float
@@ -99,7 +119,7 @@ class Attention(nn.Module):
             Projection("bld,dhk->blhk", shape, names, 2, width**-0.5, self.dtype, name=name)(source)
             for name, source in (("query", x), ("key", context), ("value", context))
         )  # [B, L or S, H, Dh]
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        out = attend(q, k, v, self.causal)
         return Projection(
             "blhk,hkd->bld",
             shape[1:] + shape[:1],

@@ -60,10 +60,10 @@ def orientation(img: Image.Image) -> int:
     return value if value in _ORIENTATIONS else 1
 
 
-def oriented_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the header."""
+def oriented_size(img: Image.Image, turn: int) -> tuple[int, int]:
+    """(width, height) after EXIF orientation ``turn`` (`orientation`)."""
     w, h = img.size
-    return (h, w) if _ORIENTATIONS[orientation(img)][0] else (w, h)
+    return (h, w) if _ORIENTATIONS[turn][0] else (w, h)
 
 
 def reduced_box(box: Box, stored_size: tuple[int, int], turn: int, scale: int) -> Box:
@@ -78,14 +78,13 @@ def reduced_box(box: Box, stored_size: tuple[int, int], turn: int, scale: int) -
     return ((left + dx) / scale, (top + dy) / scale, (right + dx) / scale, (bottom + dy) / scale)
 
 
-def crop_resize(img: Image.Image, box: Box, size: int, reduced: bool = True) -> np.ndarray:
-    """The region ``box`` of an `transforms.open_image` image (coordinates of the full,
-    EXIF-oriented image) resized to uint8 [size, size, 3] (bicubic); decoded at the smallest
-    DCT scale that keeps the box at least ``size`` pixels each way when ``reduced``.
-    Raises `skips.BadRecord`."""
+def crop_resize(img: Image.Image, box: Box, size: int, turn: int, reduced: bool = True) -> np.ndarray:
+    """The region ``box`` of an `transforms.open_image` image with EXIF orientation ``turn``
+    (coordinates of the full, oriented image) resized to uint8 [size, size, 3] (bicubic);
+    decoded at the smallest DCT scale that keeps the box at least ``size`` pixels each way
+    when ``reduced``. Raises `skips.BadRecord`."""
     scale = reduction(box[2] - box[0], box[3] - box[1], size) if reduced else 1
     with transforms.pillow_errors():
-        turn = orientation(img)
         stored = img.size
         if scale > 1 and isinstance(img, JpegImagePlugin.JpegImageFile):
             drafted = img.draft(None, (stored[0] // scale, stored[1] // scale))
@@ -113,8 +112,9 @@ def random_resized_crop(
     if not reduced or not isinstance(img, JpegImagePlugin.JpegImageFile):
         return transforms.random_resized_crop(transforms.load_rgb(img), size, rng, scale, ratio)
     with transforms.pillow_errors():
-        width, height = oriented_size(img)
-    return crop_resize(img, transforms.crop_box(width, height, rng, scale, ratio), size)
+        turn = orientation(img)
+    box = transforms.crop_box(*oriented_size(img, turn), rng, scale, ratio)
+    return crop_resize(img, box, size, turn)
 
 
 def centre_box(width: int, height: int, size: int) -> Box:
@@ -135,7 +135,8 @@ def resize_center_crop(
     img = transforms.open_image(data, max_pixels)
     if reduced and isinstance(img, JpegImagePlugin.JpegImageFile):
         with transforms.pillow_errors():
-            width, height = oriented_size(img)
+            turn = orientation(img)
+        width, height = oriented_size(img, turn)
         if reduction(width, height, size) > 1:
-            return crop_resize(img, centre_box(width, height, size), size)
+            return crop_resize(img, centre_box(width, height, size), size, turn)
     return transforms.resize_center_crop(transforms.load_rgb(img), size)

@@ -23,7 +23,8 @@ def test_benchmark_prints_every_reader_and_the_cores_per_host(tmp_path, capsys):
     files = records.write_shards(recs, str(tmp_path / "bench"), 1)
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    options = dict(array_record=files[0], size=16, num_images=8, batch_size=4, repeats=1, num_threads=2)
+    options = dict(array_record=files[0], size=16, num_images=8, batch_size=4, repeats=1)
+    options.update(num_threads=2, num_workers=1)
     with flagsaver.flagsaver(stored_size=64, **options):  # re-encoded at 64 px: the reduced decode applies
         benchmark.main([])
     out = capsys.readouterr().out
@@ -35,6 +36,15 @@ def test_benchmark_prints_every_reader_and_the_cores_per_host(tmp_path, capsys):
         "Grain ArrayRecord, reduced decode (2 thr)",
     ):
         assert re.search(re.escape(reader) + r"\s+\d+\s+\d\s+\d+\s+[\d.]+\s+\d+", out), reader
+    # A worker process's CPU time is not this process's: no CPU-time rate, not a wrong one.
+    workers = r"Grain ArrayRecord, reduced decode \(1 procs x 1 thr\)\s+\d+\s+1\s+\d+\s+[\d.]+\s+-\s+-\s+-$"
+    assert re.search(workers, out, re.M), out
+    # The per-stage costs: every stage a number, and the whole element.
+    stages = re.findall(r"^  (.+?)\s+([\d.]+)\s+([\d.]+)%$", out, re.M)
+    names = [name for name, _, _ in stages]
+    assert names[0] == "shuffle index (Grain)" and names[-1] == "whole element (DecodeOrReplace)", names
+    assert "bicubic resize (Pillow)" in names and float(stages[-1][2]) == 100.0
+    assert re.search(r"^  plain loop has \(sum\)\s+[\d.]+$", out, re.M)
     # v4: 275 TFLOP/s bf16 (Google's v4 page) at 50% MFU over 3 x B/16's forward FLOPs per pair.
     b16 = round(275e12 * 0.5 / (3 * clip.forward_flops_per_pair(clip.VARIANTS["ViT-B/16"])))
     assert 1000 < b16 < 1300  # ~41 GFLOP per pair forward

@@ -22,6 +22,13 @@ enlarged if need be) into a temporary ArrayRecord file, so small images (the 64 
 emoji) cost what web images stored at that size would. The reduced decode only
 changes anything when the stored image is at least twice the crop's output size.
 
+``--num_workers=N`` adds the reduced decode in N worker processes (Grain's
+``mp_prefetch``: no GIL between records; their CPU time is not this process's, so that
+row has no CPU-time rate). The stage table then times each stage of the ArrayRecord
+path alone on one thread (shuffle index, read, msgpack, the example's RNG, JPEG
+header, decode, crop box, Pillow's bicubic resize, to numpy, tokenise) beside the whole
+element, and sums the stages a plain loop has too: what the pipeline adds per record.
+
 The last table gives the cores per TPU host that B/16 and L/14 training needs at the
 measured rate, from stated assumptions (`HOSTS`, `MFU`, the models' FLOPs).
 """
@@ -32,6 +39,7 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import math
 import os
 import tempfile
 import time
@@ -52,6 +60,9 @@ _NUM = flags.DEFINE_integer("num_images", 2000, "Images timed per reader.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size of the Grain pipelines.")
 _THREADS = flags.DEFINE_integer("num_threads", 0, "Grain decode threads (0: the cores available).")
 _STORED = flags.DEFINE_integer("stored_size", 0, "Re-encode images at this short side first (0: as stored).")
+_WORKERS = flags.DEFINE_integer(
+    "num_workers", 0, "Also time the reduced decode in this many worker processes (0: not)."
+)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Runs of each reader (interleaved); the best is shown.")
 
 CORES = len(os.sched_getaffinity(0))  # the cores this process may use
@@ -111,7 +122,7 @@ def list_encode() -> Iterator[None]:
 
 
 def clocks() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
+    return time.perf_counter(), time.process_time()  # worker processes' CPU is not counted
 
 
 def plain_loop(recs: list[dict], tok: tokenizer.Tokenizer, size: int, n: int) -> Row:
@@ -143,16 +154,31 @@ def _row(name: str, images: int, wall: float, cpu: float, cores: int) -> Row:
     return Row(name, images / (end_wall - wall), images / max(end_cpu - cpu, 1e-9), cores)
 
 
-def grain_reader(files: list[str], tok, size: int, b: int, n: int, threads: int, reduced: bool, before=False):
-    """A reader of the Grain ArrayRecord pipeline (``before``: with the tokenizer's old list encode)."""
+def grain_reader(
+    files: list[str], tok, size: int, b: int, n: int, threads: int, reduced: bool, before=False, workers=0
+):
+    """A reader of the Grain ArrayRecord pipeline (``before``: with the tokenizer's old list encode;
+    ``workers``: in that many worker processes, each with ``threads`` threads)."""
     name = "before" if before else "reduced decode" if reduced else "exact decode"
+    where = f"{workers} procs x {threads} thr" if workers else f"{threads} thr"
+    cores = min(workers * threads if workers else threads, CORES)
 
     def read() -> Row:
         with list_encode() if before else contextlib.nullcontext():
             it = pipeline.train_iterator(
-                files, tok, size, b, seed=0, num_threads=threads, stall_timeout_s=None, reduced_decode=reduced
+                files,
+                tok,
+                size,
+                b,
+                seed=0,
+                num_workers=workers,
+                num_threads=threads,
+                stall_timeout_s=None,
+                reduced_decode=reduced,
             )
-            return timed(f"Grain ArrayRecord, {name} ({threads} thr)", it, b, n, min(threads, CORES))
+            row = timed(f"Grain ArrayRecord, {name} ({where})", it, b, n, cores)
+            # This process's CPU clock misses the workers': no CPU-time rate then.
+            return dataclasses.replace(row, cpu_rate=math.nan) if workers else row
 
     return read
 
@@ -172,12 +198,66 @@ def best_of(readers: list, repeats: int) -> list[Row]:
 def print_table(rows: list[Row]) -> None:
     base = rows[0]
     head = ("reader", "images/s", "cores", "per core", "ratio", "img/CPU-s", "ratio", "CPU/wall")
-    print("{:<42}{:>9}{:>6}{:>9}{:>7}{:>10}{:>7}{:>9}".format(*head))
+    print("{:<52}{:>9}{:>6}{:>9}{:>7}{:>10}{:>7}{:>9}".format(*head))
     for r in rows:
-        print(
-            f"{r.name:<42}{r.rate:>9.0f}{r.cores:>6}{r.per_core:>9.0f}{r.per_core / base.per_core:>7.2f}"
-            f"{r.cpu_rate:>10.0f}{r.cpu_rate / base.cpu_rate:>7.2f}{r.utilisation:>9.2f}"
+        cpu = (
+            f"{'-':>10}{'-':>7}{'-':>9}"
+            if math.isnan(r.cpu_rate)
+            else f"{r.cpu_rate:>10.0f}{r.cpu_rate / base.cpu_rate:>7.2f}{r.utilisation:>9.2f}"
         )
+        ratio = r.per_core / base.per_core
+        print(f"{r.name:<52}{r.rate:>9.0f}{r.cores:>6}{r.per_core:>9.0f}{ratio:>7.2f}{cpu}")
+
+
+def stage_costs(files: list[str], tok: tokenizer.Tokenizer, size: int, n: int) -> dict[str, float]:
+    """Microseconds per record of each stage of the Grain ArrayRecord path (exact decode), each
+    timed alone over the same ``n`` records in this thread, and of the whole element
+    (`pipeline.DecodeOrReplace`); "plain loop" sums the stages `plain_loop` also has.
+    """
+    import grain
+
+    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+    count = len(source)
+    order = grain.MapDataset.range(count).shuffle(seed=0)
+    raw = [source[i] for i in range(count)]
+    recs = [records.decode(r) for r in raw]
+    opened = lambda i: transforms.open_image(recs[i]["image"])
+    images = [transforms.load_rgb(opened(i)) for i in range(count)]
+    rng = np.random.default_rng(0)
+    boxes = [transforms.crop_box(*im.size, rng, pipeline.DEFAULT_CROP.scale) for im in images]
+    resized = [im.resize((size, size), Image.BICUBIC, box=b) for im, b in zip(images, boxes, strict=True)]
+    decode = pipeline.DecodeExample(tok, size, pipeline.DEFAULT_CROP, reduced_decode=False)
+    whole = source.shuffle(seed=0).repeat(None).pipe(pipeline.DecodeOrReplace, decode, 0)
+    stages = {
+        "shuffle index (Grain)": lambda i: order[i],
+        "ArrayRecord read": lambda i: source[i],
+        "msgpack decode": lambda i: records.decode(raw[i]),
+        "example RNG (seeded per index)": lambda i: np.random.default_rng([0, i, 0]),
+        "JPEG header + checks": opened,
+        "decode to RGB": lambda i: transforms.load_rgb(opened(i)),
+        "crop box": lambda i: transforms.crop_box(*images[i].size, rng, pipeline.DEFAULT_CROP.scale),
+        "bicubic resize (Pillow)": lambda i: images[i].resize((size, size), Image.BICUBIC, box=boxes[i]),
+        "to numpy": lambda i: np.asarray(resized[i], dtype=np.uint8),
+        "tokenise": lambda i: tok([recs[i]["caption"]]),
+        "whole element (DecodeOrReplace)": lambda i: whole[i],
+    }
+    costs = {}
+    for name, stage in stages.items():
+        start = time.perf_counter()
+        for i in range(n):
+            stage(i % count)
+        costs[name] = (time.perf_counter() - start) / n * 1e6
+    return costs
+
+
+def print_stages(costs: dict[str, float]) -> None:
+    """The stage table: microseconds per record, share of the whole element."""
+    whole = costs["whole element (DecodeOrReplace)"]
+    plain = ("decode to RGB", "crop box", "bicubic resize (Pillow)", "to numpy", "tokenise")
+    print("\nPer record, one thread, each stage alone (exact decode; us):")
+    for name, us in costs.items():
+        print(f"  {name:<34}{us:>9.1f}{100 * us / whole:>7.1f}%")
+    print(f"  {'plain loop has (sum)':<34}{sum(costs[k] for k in plain):>9.1f}")
 
 
 def chip_rate(chip: str, model: str) -> float:
@@ -234,6 +314,8 @@ def main(argv):
         if threads > 1:
             readers.append(grain_reader(files, tok, size, b, n, 1, reduced=True))
         readers.append(grain_reader(files, tok, size, b, n, threads, reduced=True))
+        if _WORKERS.value:
+            readers.append(grain_reader(files, tok, size, b, n, 1, reduced=True, workers=_WORKERS.value))
     if tars:
         tar_it = lambda: webdataset.train_iterator(tars, tok, size, b, seed=0, stall_timeout_s=None)
         readers.append(lambda: timed("Grain tar stream, tar as is (1 thr)", tar_it(), b, n, 1))
@@ -242,8 +324,10 @@ def main(argv):
     print(f"\n{len(recs)} records, {stored}; output {size} px; {cores} cores; ratios against the plain loop")
     print(f"(reduced decode: crops >= {2 * size} px; best of {_REPEATS.value} interleaved runs each)")
     print_table(rows)
-    grain = [r for r in rows if r.name.startswith("Grain ArrayRecord, reduced")]
+    grain = [r for r in rows if r.name.startswith("Grain ArrayRecord, reduced") and "procs" not in r.name]
     print_tpu_needs(grain[-1] if grain else rows[0])
+    if files:
+        print_stages(stage_costs(files, tok, size, n))
     tmp.cleanup()
 
 

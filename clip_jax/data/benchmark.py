@@ -45,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+import grain
 import numpy as np
 from absl import flags
 from PIL import Image
@@ -214,8 +215,6 @@ def stage_costs(files: list[str], tok: tokenizer.Tokenizer, size: int, n: int) -
     timed alone over the same ``n`` records in this thread, and of the whole element
     (`pipeline.DecodeOrReplace`); "plain loop" sums the stages `plain_loop` also has.
     """
-    import grain
-
     source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
     count = len(source)
     order = grain.MapDataset.range(count).shuffle(seed=0)
@@ -234,7 +233,7 @@ def stage_costs(files: list[str], tok: tokenizer.Tokenizer, size: int, n: int) -
         "msgpack decode": lambda i: records.decode(raw[i]),
         "example RNG (seeded per index)": lambda i: np.random.default_rng([0, i, 0]),
         "JPEG header + checks": opened,
-        "decode to RGB": lambda i: transforms.load_rgb(opened(i)),
+        "decode to RGB (header incl.)": lambda i: transforms.load_rgb(opened(i)),
         "crop box": lambda i: transforms.crop_box(*images[i].size, rng, pipeline.DEFAULT_CROP.scale),
         "bicubic resize (Pillow)": lambda i: images[i].resize((size, size), Image.BICUBIC, box=boxes[i]),
         "to numpy": lambda i: np.asarray(resized[i], dtype=np.uint8),
@@ -253,7 +252,7 @@ def stage_costs(files: list[str], tok: tokenizer.Tokenizer, size: int, n: int) -
 def print_stages(costs: dict[str, float]) -> None:
     """The stage table: microseconds per record, share of the whole element."""
     whole = costs["whole element (DecodeOrReplace)"]
-    plain = ("decode to RGB", "crop box", "bicubic resize (Pillow)", "to numpy", "tokenise")
+    plain = ("decode to RGB (header incl.)", "crop box", "bicubic resize (Pillow)", "to numpy", "tokenise")
     print("\nPer record, one thread, each stage alone (exact decode; us):")
     for name, us in costs.items():
         print(f"  {name:<34}{us:>9.1f}{100 * us / whole:>7.1f}%")
@@ -324,8 +323,8 @@ def main(argv):
     print(f"\n{len(recs)} records, {stored}; output {size} px; {cores} cores; ratios against the plain loop")
     print(f"(reduced decode: crops >= {2 * size} px; best of {_REPEATS.value} interleaved runs each)")
     print_table(rows)
-    grain = [r for r in rows if r.name.startswith("Grain ArrayRecord, reduced") and "procs" not in r.name]
-    print_tpu_needs(grain[-1] if grain else rows[0])
+    threaded = [r for r in rows if r.name.startswith("Grain ArrayRecord, reduced") and "procs" not in r.name]
+    print_tpu_needs(threaded[-1] if threaded else rows[0])
     if files:
         print_stages(stage_costs(files, tok, size, n))
     tmp.cleanup()

@@ -27,14 +27,14 @@ What orbax does not do, done here:
   processes agree on the step to save at after a SIGTERM); it needs
   ``jax.distributed`` initialised, which ``main.py`` does even on one host.
 - A changed data config (files, sources and weights, seed, batch size, image
-  size, tokenizer) refuses to resume unless ``allow_data_change`` says so. The
+  size, tokenizer: `clip_jax.data_fingerprint`) refuses to resume unless
+  ``allow_data_change`` says so. The
   process count may change (`clip_jax.data.elastic`: the data position is a
   global one), except for the streaming "webdataset" reader.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import grain
@@ -45,7 +45,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from clip_jax import cli, storage
+from clip_jax import cli, data_fingerprint, storage
 from clip_jax.data import elastic
 
 MANIFEST = "checksums.json"
@@ -53,10 +53,6 @@ MANIFEST = "checksums.json"
 
 class NonFiniteError(FloatingPointError):
     """The training state went non-finite; it was not saved."""
-
-
-class DataChangedError(ValueError):
-    """The run's data config differs from the one the checkpoint was saved with."""
 
 
 class StateMismatchError(ValueError, cli.UserError):
@@ -103,81 +99,6 @@ def damage(step_dir: str) -> str | None:
 def has_steps(directory: str) -> bool:
     """Whether ``directory`` (a run's ``checkpoints``) holds any step directory, verified or not."""
     return storage.isdir(directory) and any(n.isdigit() for n in storage.listdir(directory))
-
-
-def _tokenizer_hash(path: str) -> str:
-    """sha256 of the tokenizer file (or of every file of a tokenizer directory)."""
-    if storage.isdir(path):
-        digest = hashlib.sha256()
-        for name in storage.files_under(path):
-            data = storage.read_bytes(os.path.join(path, name))
-            digest.update(f"{name}:{hashlib.sha256(data).hexdigest()};".encode())
-        return digest.hexdigest()
-    return hashlib.sha256(storage.read_bytes(path)).hexdigest() if storage.exists(path) else path
-
-
-def data_fingerprint(
-    data: ml_collections.ConfigDict,
-    train_files: list[str],
-    tokenizer: str,
-    batch_size: int,
-    image_size: int,
-    sources: list | tuple = (),
-) -> dict:
-    """What decides the sequence of batches. Files by name (a moved dataset may resume).
-
-    The process count only for "webdataset" (its position is per process); ``sources``
-    (`mixture.Source`: a mixture) by name, files, weight and caption field.
-    """
-    streaming = data.format == "webdataset" and not sources
-    return {
-        "train_files": [os.path.basename(f) for f in train_files],
-        "format": data.format,
-        "shuffle_seed": data.shuffle_seed,
-        "batch_size": batch_size,
-        **({"process_count": jax.process_count()} if streaming else {"stream": elastic.KIND}),
-        **_caption_and_source_fields(data, sources),
-        "image_size": image_size,
-        "tokenizer_sha256": _tokenizer_hash(tokenizer),
-        "augmentation": [
-            data.get("random_crop"),
-            list(data.get("crop_scale") or ()),
-            list(data.get("crop_ratio") or ()),
-        ],
-        # A TFDS source is named by its config, not by its files alone (split slices, keys).
-        "tfds": [data.get(k) for k in _TFDS_FIELDS] if data.format == "tfds" else None,
-    }
-
-
-def _caption_and_source_fields(data: ml_collections.ConfigDict, sources) -> dict:
-    """The mixture and the caption field, only when set (older fingerprints lack them)."""
-    fields = {}
-    if sources:
-        fields["sources"] = [
-            [s.name, [os.path.basename(f) for f in s.files], s.weight, s.caption_field] for s in sources
-        ]
-    if data.get("caption_field"):
-        fields["caption_field"] = data.caption_field
-    return fields
-
-
-_TFDS_FIELDS = ("tfds_name", "tfds_split", "image_key", "caption_key", "label_key", "caption_template")
-
-
-def data_changes(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between two fingerprints ([] when equal)."""
-    changes = []
-    for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
-        if old == new:
-            continue
-        if key == "train_files" and old is not None and new is not None:
-            added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
-            detail = f"added {added[:3]}, removed {removed[:3]}" if added or removed else "reordered"
-            changes.append(f"train_files: {len(old)} -> {len(new)} files ({detail})")
-        else:
-            changes.append(f"{key}: {old!r} -> {new!r}")
-    return changes
 
 
 _global_norm = jax.jit(optax.global_norm)
@@ -300,7 +221,7 @@ class Checkpoints:
         try:
             return elastic.saved_state(data_dir, jax.process_index(), jax.process_count())
         except elastic.PositionError as e:
-            raise DataChangedError(f"checkpoint step {step}: {e}") from None
+            raise data_fingerprint.DataChangedError(f"checkpoint step {step}: {e}") from None
 
     def save(self, step: int, state, iterator, step_metrics=None, force: bool = False) -> bool:
         """Saves when ``step`` is on the cadence (or ``force``); returns whether it saved.
@@ -400,12 +321,12 @@ class Checkpoints:
         except (FileNotFoundError, KeyError, ValueError):
             print(f"checkpoint step {step} has no data fingerprint; not checked", flush=True)
             return True
-        changes = data_changes(saved, self.fingerprint)
+        changes = data_fingerprint.data_changes(saved, self.fingerprint)
         if not changes:
             return True
         what = "; ".join(changes)
         if not self.allow_data_change:
-            raise DataChangedError(
+            raise data_fingerprint.DataChangedError(
                 f"checkpoint step {step} in {self.directory} was saved with another data config ({what}). "
                 "Resuming would train on other batches than the interrupted run. Use a new --workdir, or "
                 "pass --config.checkpoint.allow_data_change=True to resume anyway."

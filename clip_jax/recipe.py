@@ -15,7 +15,7 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from clip_jax import checkpoint, losses, storage, validation
+from clip_jax import checkpoint, data_fingerprint, losses, storage, validation
 from clip_jax.data import emoji_data, mixture, scenes
 from clip_jax.data.tokenizer import Tokenizer
 from clip_jax.eval import evaluator, suite
@@ -118,7 +118,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> DataSpec:
             changed = ", ".join(
                 f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v
             )
-            raise checkpoint.DataChangedError(
+            raise data_fingerprint.DataChangedError(
                 f"{directory} holds the scenes this run was trained on ({changed}); regenerating them "
                 "would change its data. Use a new --workdir, or config.data.scenes.dir for the new scenes."
             )

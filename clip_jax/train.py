@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from clip_jax import (
     checkpoint,
+    data_fingerprint,
     goodput,
     inference,
     lock,
@@ -115,7 +116,7 @@ def _run(r: Run, recorder: goodput.Recorder) -> dict[str, Any]:
         skipped,
         r.data.sources,
     )
-    fingerprint = checkpoint.data_fingerprint(
+    fingerprint = data_fingerprint.data_fingerprint(
         config.data, r.data.train_files, r.data.tokenizer, batch_size, image_size, r.data.sources
     )
     checkpoints = checkpoint.Checkpoints(

@@ -24,7 +24,7 @@ all inputs; the summary goes to ``OUT_DIR/PREFIX-stats.json``.
 from absl import flags
 
 from clip_jax import cli
-from clip_jax.data import beam_convert, bounded, convert, convert_flags, records
+from clip_jax.data import beam_convert, bounded, convert, convert_flags, convert_readers, records
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .tar shards, comma-separated.")
 _TABLE = flags.DEFINE_string("table", None, "A .csv, .tsv or .parquet caption table (with --image_dir).")
@@ -68,7 +68,7 @@ def sources() -> list:
             raise cli.UserError("--table needs --image_dir (the folder its image column is relative to)")
         if _ROWS.value < 1:
             raise cli.UserError(f"--rows_per_shard={_ROWS.value}: must be >= 1")
-        return convert.folder_readers(
+        return convert_readers.folder_readers(
             _TABLE.value,
             _IMAGE_DIR.value,
             rows_per_shard=_ROWS.value,
@@ -81,7 +81,7 @@ def sources() -> list:
         )
     if _PER_SHARD.value < 1:
         raise cli.UserError(f"--per_shard={_PER_SHARD.value}: must be >= 1")
-    return convert.tfds_readers(
+    return convert_readers.tfds_readers(
         _TFDS_NAME.value,
         _TFDS_SPLIT.value,
         _TFDS_DATA_DIR.value,

@@ -17,7 +17,7 @@ import os
 from absl import flags
 
 from clip_jax import cli, outputs
-from clip_jax.data import bounded, convert, convert_flags
+from clip_jax.data import bounded, convert, convert_flags, convert_readers
 
 _TABLE = flags.DEFINE_string("table", None, ".csv, .tsv or .parquet file.", required=True)
 _IMAGE_DIR = flags.DEFINE_string("image_dir", ".", "Directory the image column is relative to.")
@@ -54,7 +54,7 @@ def main(argv):
     out, images = os.path.realpath(_OUT_DIR.value), os.path.realpath(_IMAGE_DIR.value)
     if out == images or images.startswith(out.rstrip(os.sep) + os.sep):
         raise cli.UserError(f"--out_dir={_OUT_DIR.value} holds the images of --image_dir; choose another")
-    tasks = convert.folder_tasks(
+    tasks = convert_readers.folder_tasks(
         _TABLE.value,
         _IMAGE_DIR.value,
         _OUT_DIR.value,

@@ -13,7 +13,7 @@ Image + caption (``--caption_key``), or image + label (the caption is
 from absl import flags
 
 from clip_jax import cli
-from clip_jax.data import convert, convert_flags
+from clip_jax.data import convert, convert_flags, convert_readers
 
 _NAME = flags.DEFINE_string("name", None, "TFDS dataset name.", required=True)
 _SPLIT = flags.DEFINE_string("split", "train", "Split.")
@@ -36,7 +36,7 @@ _OPTIONS = convert_flags.define()  # filters, --dedup (within each shard), --exc
 
 def main(argv):
     del argv
-    tasks = convert.tfds_tasks(
+    tasks = convert_readers.tfds_tasks(
         _NAME.value,
         _SPLIT.value,
         _OUT_DIR.value,

@@ -12,7 +12,7 @@ summary goes to ``OUT_DIR/PREFIX-stats.json``.
 from absl import flags
 
 from clip_jax import cli, outputs
-from clip_jax.data import bounded, convert, convert_flags, records
+from clip_jax.data import bounded, convert, convert_flags, convert_readers, records
 
 _INPUT = flags.DEFINE_string("input", None, "Glob(s) of .tar shards, comma-separated.", required=True)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the ArrayRecord shards go.", required=True)
@@ -34,7 +34,9 @@ def main(argv):
     shards = records.expand(_INPUT.value, "--input")
     # overwrite=True: a rerun keeps finished shards (convert.run); only writing among the inputs is refused
     outputs.check_target(_OUT_DIR.value, shards, overwrite=True, flag="--out_dir")
-    tasks = convert.webdataset_tasks(shards, _OUT_DIR.value, _PREFIX.value, max_bytes=_MAX_BYTES.value)
+    tasks = convert_readers.webdataset_tasks(
+        shards, _OUT_DIR.value, _PREFIX.value, max_bytes=_MAX_BYTES.value
+    )
     opts = _OPTIONS(size=_SIZE.value, quality=_QUALITY.value)
     stats = convert.run(
         tasks, opts, _PROCESSES.value, f"{_OUT_DIR.value}/{_PREFIX.value}-stats.json", _OVERWRITE.value

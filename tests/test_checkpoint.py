@@ -13,7 +13,7 @@ import pytest
 from conftest import load_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from clip_jax import checkpoint, recipe, sharding, step, train
+from clip_jax import checkpoint, data_fingerprint, recipe, sharding, step, train
 from clip_jax.data import elastic
 
 
@@ -235,7 +235,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path, mesh8, capsys, bad):
 def test_resuming_with_changed_data_is_refused_unless_allowed(tmp_path, mesh8, capsys, change, message):
     save_steps(tmp_path / "ckpt", [2], mesh8)
     changed = {**FINGERPRINT, **change}
-    with pytest.raises(checkpoint.DataChangedError, match="allow_data_change") as error:
+    with pytest.raises(data_fingerprint.DataChangedError, match="allow_data_change") as error:
         restore(tmp_path / "ckpt", mesh8, fingerprint=changed)
     assert message in str(error.value)
     state, _ = restore(tmp_path / "ckpt", mesh8, fingerprint=changed, allow_data_change=True)
@@ -246,17 +246,17 @@ def test_resuming_with_changed_data_is_refused_unless_allowed(tmp_path, mesh8, c
 def test_the_fingerprint_follows_the_data_config(scenes_dataset):
     config = load_config("demo")
     files, tokenizer = scenes_dataset.train_files, scenes_dataset.tokenizer
-    base = checkpoint.data_fingerprint(config.data, files, tokenizer, 32, 40)
+    base = data_fingerprint.data_fingerprint(config.data, files, tokenizer, 32, 40)
     assert base["train_files"] == [pathlib.Path(f).name for f in files]
     # The position is global: another process count resumes (only the streaming reader's is not).
     assert "process_count" not in base and base["stream"] == elastic.KIND
     config.data.format = "webdataset"
-    assert checkpoint.data_fingerprint(config.data, files, tokenizer, 32, 40)["process_count"] == 1
+    assert data_fingerprint.data_fingerprint(config.data, files, tokenizer, 32, 40)["process_count"] == 1
     config.data.format = "array_record"
-    assert base == checkpoint.data_fingerprint(config.data, files, tokenizer, 32, 40)
+    assert base == data_fingerprint.data_fingerprint(config.data, files, tokenizer, 32, 40)
     config.data.shuffle_seed = 7
-    other = checkpoint.data_fingerprint(config.data, files[:-1], tokenizer, 64, 48)
-    changes = checkpoint.data_changes(base, other)
+    other = data_fingerprint.data_fingerprint(config.data, files[:-1], tokenizer, 64, 48)
+    changes = data_fingerprint.data_changes(base, other)
     assert [c.split(":")[0] for c in changes] == ["batch_size", "image_size", "shuffle_seed", "train_files"]
 
 
@@ -327,6 +327,6 @@ def test_a_position_saved_by_two_processes_resumes_on_one(tmp_path, mesh8):
         (step_dir / "data" / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": 5}))
     checkpoint.write_manifest(str(step_dir))
     checkpoints = checkpoint.Checkpoints(str(tmp_path / "ckpt"), checkpoint_config(), FINGERPRINT)
-    with pytest.raises(checkpoint.DataChangedError, match="allow_data_change"):
+    with pytest.raises(data_fingerprint.DataChangedError, match="allow_data_change"):
         checkpoints.restore(*abstract_and_shardings(mesh8), CountingIterator())
     checkpoints.close()

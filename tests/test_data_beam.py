@@ -11,7 +11,7 @@ beam = pytest.importorskip("apache_beam")  # the optional `beam` extra
 import test_data_filters as shared  # noqa: E402
 
 from clip_jax import cli  # noqa: E402
-from clip_jax.data import beam_convert, convert, pipeline, records  # noqa: E402
+from clip_jax.data import beam_convert, convert, convert_readers, pipeline, records  # noqa: E402
 
 shards = shared.shards  # the fixture: the same 40 tar shards as the local converter's tests
 
@@ -95,12 +95,12 @@ def test_beam_and_the_local_converter_agree_on_a_folder_and_table(tmp_path):
     table, images = make_folder(tmp_path)
     opts = convert.Options(size=32, filters=shared.FILTERS, dedup=True)
     local_stats = convert.run(
-        convert.folder_tasks(table, images, str(tmp_path / "local"), "f", rows_per_shard=6),
+        convert_readers.folder_tasks(table, images, str(tmp_path / "local"), "f", rows_per_shard=6),
         opts,
         1,
         str(tmp_path / "local" / "f-stats.json"),
     )
-    readers = convert.folder_readers(table, images, rows_per_shard=6)
+    readers = convert_readers.folder_readers(table, images, rows_per_shard=6)
     assert len(readers) == 5  # 30 rows: the work is split by rows
     stats = beam_convert.run(readers, str(tmp_path / "beam"), "f", opts, beam_args=WORKERS)
     local, recs = shared.read_shards(tmp_path / "local", "f"), shared.read_shards(tmp_path / "beam", "f")
@@ -145,11 +145,11 @@ def tfds_dir(tmp_path_factory):
 def test_beam_and_the_local_converter_agree_on_a_tfds_split(tfds_dir, tmp_path):
     kw = dict(caption_key="caption", label_key=None)
     opts = convert.Options(size=32, filters=shared.FILTERS, dedup=True)
-    tasks = convert.tfds_tasks(
+    tasks = convert_readers.tfds_tasks(
         "clip_jax_beam_tiny", "train", str(tmp_path / "local"), "t", tfds_dir, 10, **kw
     )
     local_stats = convert.run(tasks, opts, 1, str(tmp_path / "local" / "t-stats.json"))
-    readers = convert.tfds_readers("clip_jax_beam_tiny", "train", tfds_dir, 7, **kw)
+    readers = convert_readers.tfds_readers("clip_jax_beam_tiny", "train", tfds_dir, 7, **kw)
     assert [(r.start, r.stop) for r in readers] == [(0, 7), (7, 14), (14, 20)]  # split by index ranges
     stats = beam_convert.run(readers, str(tmp_path / "beam"), "t", opts, num_shards=2, beam_args=WORKERS)
     local, recs = shared.read_shards(tmp_path / "local", "t"), shared.read_shards(tmp_path / "beam", "t")

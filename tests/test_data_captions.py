@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_data_multiprocess import image_key, key_image
 
-from clip_jax.data import captions, convert, pipeline, records, skips, tokenizer
+from clip_jax.data import captions, convert, convert_readers, pipeline, records, skips, tokenizer
 
 RECORD = {"key": "k", "captions": ["first caption", "second caption"]}
 
@@ -87,13 +87,13 @@ def test_converters_keep_every_caption(tmp_path):
     table = tmp_path / "t.csv"
     table.write_text("file,c1,c2\na.png,a one,a two\nb.png,b one,\na.png,a three,\n")
     out = tmp_path / "out"
-    tasks = convert.folder_tasks(
+    tasks = convert_readers.folder_tasks(
         str(table), str(tmp_path / "img"), str(out), "f", caption_column=("c1", "c2")
     )
     convert.run(tasks, convert.Options(size=8), 1, str(out / "stats.json"))
     recs = pipeline.read_all(sorted(str(p) for p in out.glob("f-*.array_record")))
     assert [r.get("captions", [r["caption"]]) for r in recs] == [["a one", "a two"], ["b one"], ["a three"]]
-    tasks = convert.folder_tasks(
+    tasks = convert_readers.folder_tasks(
         str(table), str(tmp_path / "img"), str(out), "g", caption_column="c1", merge_rows=True
     )
     convert.run(tasks, convert.Options(size=8), 1, str(out / "stats-g.json"))
@@ -117,7 +117,7 @@ def test_webdataset_lines_and_json_lists_are_captions(tmp_path):
         tar_member(tar, "y.json", json.dumps({"captions": ["j1", "j2"]}).encode())
         tar_member(tar, "z.png", png())
         tar_member(tar, "z.txt", b"just one")
-    items = list(convert.TarReader(str(shard))())
+    items = list(convert_readers.TarReader(str(shard))())
     assert [captions.record_fields(i.caption) for i in items] == [
         {"caption": "line one", "captions": ["line one", "line two"]},
         {"caption": "j1", "captions": ["j1", "j2"]},

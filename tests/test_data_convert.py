@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from clip_jax import cli
-from clip_jax.data import bounded, convert, pipeline, records, skips
+from clip_jax.data import bounded, convert, convert_readers, pipeline, records, skips
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_folder_with_a_caption_table(tmp_path, kind):
     else:
         write_csv(table, rows, "\t" if kind == "tsv" else ",")
     out = tmp_path / "out"
-    tasks = convert.folder_tasks(str(table), str(images), str(out), "f", 4, label_column="label")
+    tasks = convert_readers.folder_tasks(str(table), str(images), str(out), "f", 4, label_column="label")
     stats = convert.run(tasks, convert.Options(size=64), 1, str(out / "f-stats.json"))
     assert stats["kept"] == 7 and stats["skipped"] == {"missing_image": 1, "empty_caption": 1}
     recs = pipeline.read_all(records.expand(str(out / "f-*.array_record"), "x"))
@@ -62,7 +62,7 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ImportError, match="reading parquet needs pyarrow"):
-        convert.read_table(str(tmp_path / "x.parquet"))
+        convert_readers.read_table(str(tmp_path / "x.parquet"))
 
 
 def test_tfds_image_and_label(tmp_path, monkeypatch):
@@ -79,7 +79,7 @@ def test_tfds_image_and_label(tmp_path, monkeypatch):
 
     fake = types.SimpleNamespace(data_source=lambda name, split, data_dir=None: FakeSource())
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
-    tasks = convert.tfds_tasks("pets", "train", str(tmp_path), "pets", per_shard=2)
+    tasks = convert_readers.tfds_tasks("pets", "train", str(tmp_path), "pets", per_shard=2)
     assert len(tasks) == 3
     stats = convert.run(tasks, convert.Options(size=16), 1, str(tmp_path / "pets-stats.json"))
     assert stats["kept"] == 5
@@ -92,7 +92,9 @@ def test_interrupted_conversion_resumes_and_never_looks_finished(tmp_path):
     images, rows = make_folder(tmp_path)
     write_csv(tmp_path / "c.csv", rows)
     out = tmp_path / "out"
-    tasks = convert.folder_tasks(str(tmp_path / "c.csv"), str(images), str(out), "f", rows_per_shard=3)
+    tasks = convert_readers.folder_tasks(
+        str(tmp_path / "c.csv"), str(images), str(out), "f", rows_per_shard=3
+    )
 
     class Boom(Exception):
         pass
@@ -129,7 +131,7 @@ def test_a_table_that_is_no_caption_table_is_one_user_error(tmp_path, name, text
     if text is not None:
         table.write_text(text)
     with pytest.raises(cli.UserError, match=str(table).replace(".", r"\.")) as e:
-        convert.folder_tasks(str(table), str(tmp_path), str(tmp_path / "out"), "f")
+        convert_readers.folder_tasks(str(table), str(tmp_path), str(tmp_path / "out"), "f")
     assert "\n" not in str(e.value)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.data import convert, pipeline, skips, tokenizer, transforms, webdataset
+from clip_jax.data import convert, convert_readers, pipeline, skips, tokenizer, transforms, webdataset
 
 DIRTY = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dirty"
 pytestmark = pytest.mark.skipif(not (DIRTY / "expected.json").exists(), reason="shared/data/dirty missing")
@@ -41,7 +41,7 @@ def samples():
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("dirty")
-    tasks = convert.webdataset_tasks([str(DIRTY / "dirty-00000.tar")], str(out), "dirty")
+    tasks = convert_readers.webdataset_tasks([str(DIRTY / "dirty-00000.tar")], str(out), "dirty")
     stats = convert.run(tasks, convert.Options(size=64), 1, str(out / "dirty-stats.json"))
     return tasks, stats, pipeline.read_all([t.out_path for t in tasks]), out
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.data import convert, dedup, eval_hashes, filters, pipeline, records
+from clip_jax.data import convert, convert_readers, dedup, eval_hashes, filters, pipeline, records
 
 FILTERS = filters.Filters(min_side=16, max_aspect=3.0, min_caption_chars=3, max_caption_chars=200)
 NUM_SHARDS = 40
@@ -103,7 +103,9 @@ def pixels(data, mode="RGB"):
 def local_convert(shards, out, dedup_=True):
     paths, _, exclude, _, _ = shards
     opts = convert.Options(size=64, filters=FILTERS, dedup=dedup_, exclude=exclude)
-    stats = convert.run(convert.webdataset_tasks(paths, str(out), "t"), opts, 1, f"{out}/t-stats.json")
+    stats = convert.run(
+        convert_readers.webdataset_tasks(paths, str(out), "t"), opts, 1, f"{out}/t-stats.json"
+    )
     return stats, read_shards(out, "t")
 
 
@@ -215,7 +217,7 @@ def test_local_converter_drops_an_altered_copy_at_near_dup_bits(tmp_path):
     out = {}
     for bits in (0, 2):
         opts = convert.Options(size=64, dedup=True, near_dup_bits=bits)
-        tasks = convert.webdataset_tasks([str(path)], str(tmp_path / f"out{bits}"), "t")
+        tasks = convert_readers.webdataset_tasks([str(path)], str(tmp_path / f"out{bits}"), "t")
         out[bits] = convert.run(tasks, opts, 1, str(tmp_path / f"out{bits}" / "s.json"))["skipped"]
     assert out == {0: {}, 2: {"duplicate_near": 1}}
 

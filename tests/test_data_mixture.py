@@ -14,7 +14,7 @@ from absl import flags
 from conftest import load_config
 from test_data_multiprocess import image_key, key_image
 
-from clip_jax import checkpoint, config_defaults, train, validation
+from clip_jax import config_defaults, data_fingerprint, train, validation
 from clip_jax.data import elastic, mixture, pipeline, records, tokenizer
 
 IMAGE_SIZE = 8
@@ -205,12 +205,12 @@ def test_worker_processes_give_the_same_batches_and_resume(mix, tok):
 
 def test_the_fingerprint_names_a_changed_weight_not_a_changed_process_count(mix, monkeypatch):
     data = config_defaults.base_config().data
-    fingerprint = lambda sources: checkpoint.data_fingerprint(data, [], "tok.model", 64, 8, sources)
+    fingerprint = lambda sources: data_fingerprint.data_fingerprint(data, [], "tok.model", 64, 8, sources)
     base = fingerprint(mix)
     monkeypatch.setattr(jax, "process_count", lambda: 4)
-    assert checkpoint.data_changes(base, fingerprint(mix)) == []
+    assert data_fingerprint.data_changes(base, fingerprint(mix)) == []
     heavier = [mix[0], dataclasses.replace(mix[1], weight=0.5)]
-    assert [c.split(":")[0] for c in checkpoint.data_changes(base, fingerprint(heavier))] == ["sources"]
+    assert [c.split(":")[0] for c in data_fingerprint.data_changes(base, fingerprint(heavier))] == ["sources"]
 
 
 @pytest.mark.slow  # a short training run of the demo model (compiles the step)

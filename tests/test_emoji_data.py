@@ -11,7 +11,7 @@ from conftest import load_config
 from PIL import Image
 from test_workdir_safety import tree_hashes
 
-from clip_jax import checkpoint, recipe
+from clip_jax import data_fingerprint, recipe
 from clip_jax.data import emoji_data
 
 WORDS = ["red", "green", "blue", "cat", "dog", "fox", "sun", "moon", "star", "tree", "leaf", "rock"]
@@ -59,6 +59,6 @@ def test_a_changed_spec_under_a_run_with_checkpoints_is_refused(tmp_path):
     (workdir / "checkpoints" / "2").mkdir(parents=True)
     before = tree_hashes(workdir)
     config.data.emoji.vocab_size = 60
-    with pytest.raises(checkpoint.DataChangedError, match="vocab_size: 40 -> 60"):
+    with pytest.raises(data_fingerprint.DataChangedError, match="vocab_size: 40 -> 60"):
         recipe.resolve_data(config, str(workdir))
     assert tree_hashes(workdir) == before

@@ -15,7 +15,7 @@ import pytest
 from test_data_convert import make_folder, write_csv
 
 from clip_jax import cli, export
-from clip_jax.data import convert, pipeline, provenance, records
+from clip_jax.data import convert, convert_readers, pipeline, provenance, records
 from clip_jax.interop import files, mapping
 from clip_jax.models.clip import CLIP, CLIPConfig, dummy_inputs
 from clip_jax.models.text import TextConfig
@@ -113,7 +113,7 @@ def test_train_tokenizer_refuses_its_input_and_an_existing_model(tmp_path):
 
 
 def folder_tasks(tmp_path, rows_per_shard=3):
-    return convert.folder_tasks(
+    return convert_readers.folder_tasks(
         str(tmp_path / "c.csv"), str(tmp_path / "images"), str(tmp_path / "out"), "f", rows_per_shard
     )
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from clip_jax import inference
-from clip_jax.data import bounded, convert, webdataset
+from clip_jax.data import bounded, convert, convert_readers, webdataset
 
 CLAIMED = 1_500_000_000  # what the crafted members claim: 1.5 GB
 MEMORY_BOUND = 200 * 2**20  # growth of the peak RSS allowed while reading them: far under CLAIMED
@@ -68,10 +68,10 @@ def write_sparse_tar(path) -> bool:
 MEASURE = textwrap.dedent(
     """
     import json, resource, sys
-    from clip_jax.data import convert, webdataset
+    from clip_jax.data import convert, convert_readers, webdataset
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     samples = [(s["key"], s["bad"], s.get("detail")) for s in webdataset.iter_tar_file(sys.argv[1])]
-    task = convert.webdataset_tasks([sys.argv[1]], sys.argv[2], "x")[0]
+    task = convert_readers.webdataset_tasks([sys.argv[1]], sys.argv[2], "x")[0]
     stats = convert.run_task(task, convert.Options(size=8))
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"growth": after - before, "samples": samples, "stats": stats}))
@@ -114,7 +114,9 @@ def test_the_member_limit_is_configurable(tmp_path):
     one = dict(num_epochs=1, process_index=0, process_count=1)
     ds = webdataset.TarShards([str(path)], 0, max_member_bytes=9, **one)
     assert [s["bad"] for s in ds] == ["too_large"]  # the training reader
-    task = convert.webdataset_tasks([str(path)], str(tmp_path / "out"), "x", max_bytes=len(png()) - 1)[0]
+    task = convert_readers.webdataset_tasks(
+        [str(path)], str(tmp_path / "out"), "x", max_bytes=len(png()) - 1
+    )[0]
     assert convert.run_task(task, convert.Options(size=8))["skipped"] == {"too_large": 1}
 
 
@@ -153,7 +155,7 @@ def image_folder(tmp_path):
 
 def test_table_rows_naming_devices_fifos_and_paths_outside_are_counted_skips(image_folder, tmp_path):
     root, table = image_folder
-    task = convert.folder_tasks(str(table), str(root), str(tmp_path / "out"), "x")[0]
+    task = convert_readers.folder_tasks(str(table), str(root), str(tmp_path / "out"), "x")[0]
     stats = run_with_guard(lambda: convert.run_task(task, convert.Options(size=8)))
     assert stats["kept"] == 1
     assert stats["skipped"] == {"outside_root": 4, "not_regular_file": 1, "missing_image": 1}
@@ -165,7 +167,9 @@ def test_table_rows_naming_devices_fifos_and_paths_outside_are_counted_skips(ima
 
 def test_paths_outside_the_folder_when_allowed_are_still_bounded(image_folder, tmp_path):
     root, table = image_folder
-    task = convert.folder_tasks(str(table), str(root), str(tmp_path / "out"), "x", allow_outside_root=True)[0]
+    task = convert_readers.folder_tasks(
+        str(table), str(root), str(tmp_path / "out"), "x", allow_outside_root=True
+    )[0]
     stats = run_with_guard(lambda: convert.run_task(task, convert.Options(size=8)))
     assert stats["kept"] == 3  # ok, ../secret.png, link.png
     assert stats["skipped"] == {"not_regular_file": 3, "missing_image": 1}  # /dev/zero twice, the FIFO
@@ -186,7 +190,7 @@ def test_compressed_and_non_tar_shards_are_errors_naming_the_file(tmp_path):
     junk.write_bytes(b"<html>not found</html>" * 40)
     with pytest.raises(bounded.BadShard, match=f"{junk}.*not a tar"):
         list(webdataset.iter_tar_file(str(junk)))
-    task = convert.webdataset_tasks([str(gz)], str(tmp_path / "out"), "x")[0]
+    task = convert_readers.webdataset_tasks([str(gz)], str(tmp_path / "out"), "x")[0]
     with pytest.raises(bounded.BadShard, match="gzip"):
         convert.run_task(task, convert.Options(size=8))
     assert not os.path.exists(task.out_path)
@@ -200,7 +204,7 @@ def test_empty_shards_are_errors_naming_the_files(tmp_path, content):
     else:
         with tarfile.open(path, "w"):
             pass
-    task = convert.webdataset_tasks([str(path)], str(tmp_path / "out"), "x")[0]
+    task = convert_readers.webdataset_tasks([str(path)], str(tmp_path / "out"), "x")[0]
     with pytest.raises(bounded.BadShard, match=f"{path}.*empty"):
         convert.run_task(task, convert.Options(size=8))
     ds = webdataset.TarShards([str(path)], seed=0, num_epochs=1, process_index=0, process_count=1)

@@ -17,7 +17,7 @@ import pytest
 from conftest import load_config
 from test_checkpoint import mesh8, remove_manifest, restore, save_steps  # noqa: F401 (fixture)
 
-from clip_jax import checkpoint, lock, metrics, train
+from clip_jax import checkpoint, data_fingerprint, lock, metrics, train
 
 
 def tree_hashes(root) -> dict[str, str]:
@@ -65,8 +65,8 @@ def _change_model(c):
 @pytest.mark.parametrize(
     ("change", "error"),
     [
-        (_change_seed, checkpoint.DataChangedError),
-        (_change_scenes_vocab, checkpoint.DataChangedError),  # would regenerate scenes + tokenizer
+        (_change_seed, data_fingerprint.DataChangedError),
+        (_change_scenes_vocab, data_fingerprint.DataChangedError),  # would regenerate scenes + tokenizer
         (_change_model, checkpoint.StateMismatchError),  # the checkpoint's arrays do not fit the model
     ],
 )

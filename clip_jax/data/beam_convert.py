@@ -6,10 +6,10 @@ The pipeline (DirectRunner locally and in tests, DataflowRunner on Google Cloud)
       -> drop --exclude matches -> group by sha256 (exact copies) -> group by dhash (re-encoded
       copies) -> one group per output shard -> ArrayRecord shards -> PREFIX-stats.json
 
-The inputs are the local converter's own readers (`convert.TarReader` per tar shard,
-`convert.FolderReader` per chunk of table rows, `convert.TfdsReader` per index range
-of a TFDS split: `inputs`), and each record is made by its own per-sample function,
-so both write the same records. Duplicates are dropped globally, across all inputs
+The inputs are the local converter's own readers (`clip_jax.data.convert_readers`:
+`TarReader` per tar shard, `FolderReader` per chunk of table rows, `TfdsReader` per
+index range of a TFDS split: `inputs`), and each record is made by its own per-sample
+function, so both write the same records. Duplicates are dropped globally, across all inputs
 (group-bys on the hashes, not per shard); of each group the copy with the
 smallest key survives. With ``near_dup_bits`` > 0 the dhashes are grouped by band
 (`dedup.band_keys`) and a record is dropped when another within that many bits has a
@@ -42,10 +42,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from clip_jax import cli, storage
-from clip_jax.data import convert, dedup, records, skips
+from clip_jax.data import convert, convert_readers, dedup, records, skips
 
 STATS = "stats"  # the tag of the counters each stage emits: (name, n)
-Reader = Callable[[], Iterable[convert.Item]]  # one unit of work: a picklable convert.*Reader
+Reader = Callable[[], Iterable[convert.Item]]  # one unit of work: a picklable convert_readers.*Reader
 
 
 def _stat(name: str, n: int = 1) -> beam.pvalue.TaggedOutput:
@@ -242,19 +242,19 @@ def build(
 
 
 def inputs(sources: list[str | Reader], **reader: Any) -> list[Reader]:
-    """The readers of ``sources``: a tar shard path becomes a `convert.TarReader` (``reader``:
-    its ``max_bytes``, ``timeout_s``); a reader (`convert.folder_readers`,
-    `convert.tfds_readers`) is kept."""
-    return [convert.TarReader(s, **reader) if isinstance(s, str) else s for s in sources]
+    """The readers of ``sources``: a tar shard path becomes a `convert_readers.TarReader`
+    (``reader``: its ``max_bytes``, ``timeout_s``); a reader (`convert_readers.folder_readers`,
+    `convert_readers.tfds_readers`) is kept."""
+    return [convert_readers.TarReader(s, **reader) if isinstance(s, str) else s for s in sources]
 
 
 def _remote_paths(read: Reader) -> list[str]:
     """The paths a Dataflow worker must reach for ``read`` (a tar, an image folder, a TFDS data_dir)."""
-    if isinstance(read, convert.TarReader):
+    if isinstance(read, convert_readers.TarReader):
         return [read.path]
-    if isinstance(read, convert.FolderReader):
+    if isinstance(read, convert_readers.FolderReader):
         return [read.root]
-    return [read.data_dir or ""] if isinstance(read, convert.TfdsReader) else []
+    return [read.data_dir or ""] if isinstance(read, convert_readers.TfdsReader) else []
 
 
 def run(
@@ -268,7 +268,7 @@ def run(
 ) -> dict[str, Any]:
     """Converts ``sources`` (tar shard paths, or readers: `inputs`) into ``num_shards`` (0: as
     many as inputs) ArrayRecord shards ``OUT_DIR/PREFIX-i-of-n.array_record``; writes and
-    returns the summary ``PREFIX-stats.json``. ``reader``: `convert.TarReader`'s options.
+    returns the summary ``PREFIX-stats.json``. ``reader``: `convert_readers.TarReader`'s options.
     ``beam_args``: Beam's own flags (``--runner``, ``--direct_num_workers``, Dataflow's ...)."""
     readers = inputs(sources, **(reader or {}))
     if not readers:

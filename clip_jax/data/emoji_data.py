@@ -9,8 +9,8 @@ import json
 import os
 import zlib
 
-from clip_jax import checkpoint, storage
-from clip_jax.data import convert, pipeline, records, tokenizer
+from clip_jax import data_fingerprint, storage
+from clip_jax.data import convert, convert_readers, pipeline, records, tokenizer
 
 VERSION = 1  # of what DONE.json records
 
@@ -67,13 +67,13 @@ def ensure_dataset(
         changed = ", ".join(
             f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v
         )
-        raise checkpoint.DataChangedError(
+        raise data_fingerprint.DataChangedError(
             f"{directory} holds the data this run was trained on ({changed}); remaking it would change "
             "its data. Use a new --workdir."
         )
     if recorded != wanted:
         converted = os.path.join(directory, "converted")
-        tasks = convert.webdataset_tasks(shards, converted, "emoji")
+        tasks = convert_readers.webdataset_tasks(shards, converted, "emoji")
         # overwrite: shards converted with other options are remade, not refused
         convert.run(tasks, convert.Options(size=size), 1, os.path.join(converted, "emoji-stats.json"), True)
         recs = pipeline.read_all([t.out_path for t in tasks])

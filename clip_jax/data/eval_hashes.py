@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import grain
 
 from clip_jax import storage
-from clip_jax.data import bounded, convert, dedup, records, skips, transforms, webdataset
+from clip_jax.data import bounded, convert_readers, dedup, records, skips, transforms, webdataset
 
 
 def _folder(root: str) -> Iterator[tuple[str, bytes | skips.BadRecord]]:
@@ -38,7 +38,7 @@ def _array_records(path: str) -> Iterator[tuple[str, bytes]]:
 
 
 def _tar(path: str) -> Iterator[tuple[str, bytes | skips.BadRecord]]:
-    for item in convert.TarReader(path)():
+    for item in convert_readers.TarReader(path)():
         yield item.key, skips.BadRecord(item.bad, item.detail or "") if item.bad else item.image or b""
 
 

@@ -51,7 +51,7 @@ from absl import flags
 from PIL import Image
 
 from clip_jax import chips, cli
-from clip_jax.data import pipeline, records, skips, tokenizer, transforms, webdataset
+from clip_jax.data import mixture, pipeline, records, skips, tokenizer, transforms, webdataset
 from clip_jax.models import clip
 
 _ARRAY_RECORD = flags.DEFINE_string("array_record", None, "Glob of ArrayRecord shards.")
@@ -215,7 +215,7 @@ def stage_costs(files: list[str], tok: tokenizer.Tokenizer, size: int, n: int) -
     timed alone over the same ``n`` records in this thread, and of the whole element
     (`pipeline.DecodeOrReplace`); "plain loop" sums the stages `plain_loop` also has.
     """
-    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+    source = pipeline.open_records(files)
     count = len(source)
     order = grain.MapDataset.range(count).shuffle(seed=0)
     raw = [source[i] for i in range(count)]
@@ -226,7 +226,7 @@ def stage_costs(files: list[str], tok: tokenizer.Tokenizer, size: int, n: int) -
     boxes = [transforms.crop_box(*im.size, rng, pipeline.DEFAULT_CROP.scale) for im in images]
     resized = [im.resize((size, size), Image.BICUBIC, box=b) for im, b in zip(images, boxes, strict=True)]
     decode = pipeline.DecodeExample(tok, size, pipeline.DEFAULT_CROP, reduced_decode=False)
-    whole = source.shuffle(seed=0).repeat(None).pipe(pipeline.DecodeOrReplace, decode, 0)
+    whole, _ = pipeline.source_stream(mixture.Source("bench", tuple(files)), decode, seed=0)
     stages = {
         "shuffle index (Grain)": lambda i: order[i],
         "ArrayRecord read": lambda i: source[i],

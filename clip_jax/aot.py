@@ -123,14 +123,14 @@ def abstract_inputs(config: ml_collections.ConfigDict, devices: list):
             model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed
         )
         step_fn = step.compile_train_step(train_step, shardings, mesh)
-    size, length = model.config.vision.image_size, model.config.text.context_length
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = {
-        "image": jax.ShapeDtypeStruct(
-            (config.train.batch_size, size, size, 3), "uint8", sharding=batch_sharding
-        ),
-        "tokens": jax.ShapeDtypeStruct((config.train.batch_size, length), "int32", sharding=batch_sharding),
-    }
+    length, batch_size = model.config.text.context_length, config.train.batch_size
+    size = config.data.get("canvas_size", 0) or model.config.vision.image_size
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(
+        (batch_size, *shape), dtype, sharding=sharding.batch_sharding(mesh)
+    )
+    batch = {"image": spec((size, size, 3), "uint8"), "tokens": spec((length,), "int32")}
+    if config.data.get("canvas_size", 0):  # crops resized in the step (clip_jax/data/canvas.py)
+        batch.update(box=spec((4,), "float32"), extent=spec((2,), "int32"))
     return step_fn, state, batch, mesh
 
 

@@ -98,6 +98,12 @@ def base_config() -> ConfigDict:
             # (PSNR > 35 dB) of a full decode; ~2x the images per core at 512 px stored, ~4x at 1024.
             # False: full decodes, the exact pixels of before.
             "reduced_decode": True,
+            # > 0: each training crop is sent unresized in a canvas_size x canvas_size canvas
+            # (>= the model's image size) and resized in the train step (bicubic, on device;
+            # clip_jax/data/canvas.py), saving the host's resize (60-66% of a record's time); a
+            # crop that does not fit is resized on the host as before. Within 0.5 grey levels mean
+            # of the host resize. 0: the host resizes every crop.
+            "canvas_size": 0,
             # Bad records are skipped, replaced and counted; above this share the run stops.
             "max_skip_fraction": 0.1,
             "stall_timeout_s": 600.0,  # no batch for this long: stop with an error, not a hang

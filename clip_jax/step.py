@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from clip_jax import losses, nonfinite, optim, sharding
-from clip_jax.data import transforms
+from clip_jax.data import canvas, transforms
 from clip_jax.models import clip
 
 
@@ -143,7 +143,8 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure step ``(state, batch) -> (state, metrics)``.
 
-    batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L]} (global arrays).
+    batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L]} (global arrays), or with
+    canvases to resize first (`clip_jax.data.canvas`: "image" [B, C, C, 3], "box", "extent").
     The step's randomness (FLIP's patch choice) is drawn from ``seed`` and the step
     number, so a resumed run draws what the uninterrupted one would have. A non-finite
     loss or gradient leaves params and optimizer state as they were (`clip_jax.nonfinite`);
@@ -152,7 +153,7 @@ def make_train_step(
     gradient_fn = make_gradient_fn(model, loss_fn, accum_steps)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        images = transforms.normalize(batch["image"])
+        images = transforms.normalize(canvas.step_images(batch, model.config.vision.image_size))
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
         (loss, stats), grads = gradient_fn(state.params, images, batch["tokens"], rng, state.model_state)
         grad_norm = optax.global_norm(grads)

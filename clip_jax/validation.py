@@ -31,9 +31,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks that need no devices: names, ranges, required paths."""
     try:
         m = config.model
-        shapes.from_sections(m.variant, m.get("vision"), m.get("text"), m.get("embed_dim"))
+        shape = shapes.from_sections(m.variant, m.get("vision"), m.get("text"), m.get("embed_dim"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    canvas_size, image_size = config.data.get("canvas_size", 0), shape.vision.image_size
+    _require(
+        canvas_size == 0 or canvas_size >= image_size,
+        f"config.data.canvas_size={canvas_size} must be 0 (crops resized on the host) or at least "
+        f"the model's image size {image_size}",
+    )
     _require(
         config.train.loss in losses.BUILDERS,
         f"config.train.loss={config.train.loss!r} is unknown; known: {sorted(losses.BUILDERS)}",

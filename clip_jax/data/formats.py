@@ -40,6 +40,7 @@ def from_config(
         counter=counter,
         stall_timeout_s=data_config.stall_timeout_s,
         reduced_decode=data_config.get("reduced_decode", True),
+        canvas_size=data_config.get("canvas_size", 0),
     )
     if sources:
         return pipeline.train_iterator(list(sources), **common)

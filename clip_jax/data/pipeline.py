@@ -8,6 +8,11 @@ batches of host-local numpy arrays::
 
     {"image": uint8 [b, S, S, 3], "tokens": int32 [b, L]}
 
+With ``canvas_size`` C > 0 (``config.data.canvas_size``) each crop is sent unresized in a
+C x C canvas and resized in the train step (`clip_jax.data.canvas`)::
+
+    {"image": uint8 [b, C, C, 3], "box": float32 [b, 4], "extent": int32 [b, 2], "tokens": ...}
+
 Bad records (see `clip_jax.data.skips`) never stop or shorten the stream: the
 example at index i whose record is bad is replaced by the next good record
 (i+1, i+2, ...) of the same shuffled order, deterministically, so every batch
@@ -35,7 +40,17 @@ import grain
 import jax
 import numpy as np
 
-from clip_jax.data import captions, elastic, mixture, records, sized_decode, skips, transforms, watchdog
+from clip_jax.data import (
+    canvas,
+    captions,
+    elastic,
+    mixture,
+    records,
+    sized_decode,
+    skips,
+    transforms,
+    watchdog,
+)
 from clip_jax.data.tokenizer import Tokenizer
 
 # The readers `from_config` knows (config.data.format).
@@ -62,7 +77,9 @@ class DecodeExample:
     ``crop``: random-resized crop drawn from the ``rng`` given (training); None:
     resize + centre crop (evaluation). ``reduced_decode``: a JPEG larger than the crop
     needs is decoded at 1/2, 1/4 or 1/8 scale (`clip_jax.data.sized_decode`); False: the
-    full decode. Raises `skips.BadRecord`.
+    full decode. ``canvas_size`` > 0: the example is `canvas.place`'s (a random crop left
+    for the step to resize; a centre crop resized here, with the identity box). Raises
+    `skips.BadRecord`.
     """
 
     tokenizer: Tokenizer
@@ -71,6 +88,7 @@ class DecodeExample:
     max_pixels: int = transforms.MAX_PIXELS
     caption_field: str | None = None  # None: "captions" (a list) or "caption"
     reduced_decode: bool = False
+    canvas_size: int = 0
 
     def __call__(self, element: bytes | dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
         record = element if isinstance(element, dict) else _unpack(element)
@@ -79,12 +97,17 @@ class DecodeExample:
         # Drawn first: the crop's randomness then does not depend on the number of captions.
         caption = captions.choose(record, rng, self.caption_field)
         data, size, reduced = record.get("image") or b"", self.image_size, self.reduced_decode
+        tokens = self.tokenizer([caption])[0]
         if self.crop is None or rng is None:
             image = sized_decode.resize_center_crop(data, size, self.max_pixels, reduced)
-        else:
-            scale, ratio = self.crop.scale, self.crop.ratio
-            image = sized_decode.random_resized_crop(data, size, rng, scale, ratio, self.max_pixels, reduced)
-        return {"image": image, "tokens": self.tokenizer([caption])[0]}
+            if self.canvas_size:
+                return {**canvas.identity(image, self.canvas_size), "tokens": tokens}
+            return {"image": image, "tokens": tokens}
+        crop = (data, size, rng, self.crop.scale, self.crop.ratio, self.max_pixels, reduced)
+        if self.canvas_size:
+            rgb, box = sized_decode.random_region(*crop)
+            return {**canvas.place(rgb, box, size, self.canvas_size), "tokens": tokens}
+        return {"image": sized_decode.random_resized_crop(*crop), "tokens": tokens}
 
 
 def _unpack(data: bytes) -> dict:
@@ -219,6 +242,7 @@ def train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     reduced_decode: bool = True,
+    canvas_size: int = 0,
 ) -> elastic.GlobalIterator:
     """An endless iterator of host-local training batches from ArrayRecord ``files``
     (or a MapDataset of records), or from a weighted mixture of `mixture.Source` s.
@@ -228,7 +252,8 @@ def train_iterator(
     hosts). ``counter``: where skipped records are counted (a fresh one with the default
     ceiling when None). ``crop=None``: centre crops (no augmentation). ``reduced_decode``
     (``config.data.reduced_decode``): JPEGs decoded at the scale the crop needs (see
-    `DecodeExample`); False: full decodes, the pixels of before.
+    `DecodeExample`); False: full decodes, the pixels of before. ``canvas_size``
+    (``config.data.canvas_size``): crops resized in the step (`clip_jax.data.canvas`).
     """
     if isinstance(files, (list, tuple)) and files and isinstance(files[0], mixture.Source):
         sources = list(files)
@@ -237,7 +262,9 @@ def train_iterator(
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     stream, describe = global_stream(
-        sources, DecodeExample(tokenizer, image_size, crop, reduced_decode=reduced_decode), seed
+        sources,
+        DecodeExample(tokenizer, image_size, crop, reduced_decode=reduced_decode, canvas_size=canvas_size),
+        seed,
     )
 
     def build(start: int) -> grain.DatasetIterator:

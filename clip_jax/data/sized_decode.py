@@ -83,6 +83,13 @@ def crop_resize(img: Image.Image, box: Box, size: int, turn: int, reduced: bool 
     (coordinates of the full, oriented image) resized to uint8 [size, size, 3] (bicubic);
     decoded at the smallest DCT scale that keeps the box at least ``size`` pixels each way
     when ``reduced``. Raises `skips.BadRecord`."""
+    return _resize(*decode_region(img, box, size, turn, reduced), size)
+
+
+def decode_region(
+    img: Image.Image, box: Box, size: int, turn: int, reduced: bool = True
+) -> tuple[Image.Image, Box]:
+    """`crop_resize` without the resize: (the decoded RGB image, ``box`` in its coordinates)."""
     scale = reduction(box[2] - box[0], box[3] - box[1], size) if reduced else 1
     with transforms.pillow_errors():
         stored = img.size
@@ -92,7 +99,10 @@ def crop_resize(img: Image.Image, box: Box, size: int, turn: int, reduced: bool 
         else:
             scale = 1
     rgb = transforms.load_rgb(img)
-    region = reduced_box(box, stored, turn, scale)
+    return rgb, reduced_box(box, stored, turn, scale)
+
+
+def _resize(rgb: Image.Image, region: Box, size: int) -> np.ndarray:
     return np.asarray(rgb.resize((size, size), Image.BICUBIC, box=region), dtype=np.uint8)
 
 
@@ -108,13 +118,28 @@ def random_resized_crop(
     """Encoded bytes -> `transforms.random_resized_crop` of the decoded image (the same box,
     the same draws from ``rng``), a JPEG decoded at reduced scale when ``reduced`` and the box
     allows. Raises `skips.BadRecord` (as `transforms.decode_image`)."""
+    return _resize(*random_region(data, size, rng, scale, ratio, max_pixels, reduced), size)
+
+
+def random_region(
+    data: bytes,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = transforms.CROP_SCALE,
+    ratio: tuple[float, float] = transforms.CROP_RATIO,
+    max_pixels: int = transforms.MAX_PIXELS,
+    reduced: bool = True,
+) -> tuple[Image.Image, Box]:
+    """`random_resized_crop` without the resize: (the decoded RGB image, the box in its
+    coordinates), for a resize elsewhere (`clip_jax.data.canvas`)."""
     img = transforms.open_image(data, max_pixels)
     if not reduced or not isinstance(img, JpegImagePlugin.JpegImageFile):
-        return transforms.random_resized_crop(transforms.load_rgb(img), size, rng, scale, ratio)
+        rgb = transforms.load_rgb(img)
+        return rgb, transforms.crop_box(*rgb.size, rng, scale, ratio)
     with transforms.pillow_errors():
         turn = orientation(img)
     box = transforms.crop_box(*oriented_size(img, turn), rng, scale, ratio)
-    return crop_resize(img, box, size, turn)
+    return decode_region(img, box, size, turn)
 
 
 def centre_box(width: int, height: int, size: int) -> Box:

@@ -280,10 +280,13 @@ def train_iterator(
     num_epochs: int | None = None,
     max_member_bytes: int | None = None,
     reduced_decode: bool = True,
+    canvas_size: int = 0,
 ) -> grain.DatasetIterator:
     """Host-local training batches read straight from tar shards (see `pipeline.train_iterator`);
     a member over ``max_member_bytes`` (default `bounded.MAX_MEMBER_BYTES`) is a ``too_large`` skip."""
-    decode = pipeline.DecodeExample(tokenizer, image_size, crop, reduced_decode=reduced_decode)
+    decode = pipeline.DecodeExample(
+        tokenizer, image_size, crop, reduced_decode=reduced_decode, canvas_size=canvas_size
+    )
     ds = (
         TarShards(shards, seed, shuffle_buffer, num_epochs, max_member_bytes=max_member_bytes)
         .pipe(DecodeSkipBad, decode)

@@ -1,5 +1,6 @@
-"""The input-pipeline benchmark's command on a tiny input: every reader's row, and the TPU
-table from the stated assumptions (bf16 peak x MFU / 3 x forward FLOPs per pair)."""
+"""The input-pipeline benchmark's command on a tiny input: every reader's row, the TPU table
+from the stated assumptions (bf16 peak x MFU / 3 x forward FLOPs per pair), also at the
+canvas rows' rate, and the step's resize cost."""
 
 import io
 import re
@@ -24,7 +25,7 @@ def test_benchmark_prints_every_reader_and_the_cores_per_host(tmp_path, capsys):
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     options = dict(array_record=files[0], size=16, num_images=8, batch_size=4, repeats=1)
-    options.update(num_threads=2, num_workers=1)
+    options.update(num_threads=2, num_workers=1, canvas_size=24)
     with flagsaver.flagsaver(stored_size=64, **options):  # re-encoded at 64 px: the reduced decode applies
         benchmark.main([])
     out = capsys.readouterr().out
@@ -34,11 +35,18 @@ def test_benchmark_prints_every_reader_and_the_cores_per_host(tmp_path, capsys):
         "Grain ArrayRecord, exact decode (2 thr)",
         "Grain ArrayRecord, reduced decode (1 thr)",
         "Grain ArrayRecord, reduced decode (2 thr)",
+        "Grain ArrayRecord, reduced decode + canvas 24 (1 thr)",
+        "Grain ArrayRecord, reduced decode + canvas 24 (2 thr)",
     ):
         assert re.search(re.escape(reader) + r"\s+\d+\s+\d\s+\d+\s+[\d.]+\s+\d+", out), reader
     # A worker process's CPU time is not this process's: no CPU-time rate, not a wrong one.
     workers = r"Grain ArrayRecord, reduced decode \(1 procs x 1 thr\)\s+\d+\s+1\s+\d+\s+[\d.]+\s+-\s+-\s+-$"
     assert re.search(workers, out, re.M), out
+    assert re.search(workers.replace("decode", "decode \\+ canvas 24"), out, re.M), out
+    # The canvas rows' host table, and what the step pays for the resize here.
+    assert "Cores per host at Grain ArrayRecord, reduced decode + canvas 24 (2 thr)" in out
+    resize = r"^Canvas 24: (\d+)% of crops left for the step to resize; .* of 4 on cpu: [\d.]+ ms \(\d+ us"
+    assert (m := re.search(resize, out, re.M)) and int(m[1]) > 0, out
     # The per-stage costs: every stage a number, and the whole element.
     stages = re.findall(r"^  (.+?)\s+([\d.]+)\s+([\d.]+)%$", out, re.M)
     names = [name for name, _, _ in stages]

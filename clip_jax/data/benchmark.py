@@ -22,6 +22,11 @@ enlarged if need be) into a temporary ArrayRecord file, so small images (the 64 
 emoji) cost what web images stored at that size would. The reduced decode only
 changes anything when the stored image is at least twice the crop's output size.
 
+``--canvas_size=C`` adds the reduced decode with crops sent unresized in a C x C canvas
+(``config.data.canvas_size``, `clip_jax.data.canvas`), on 1 thread and on ``--num_threads``,
+the TPU table for it, and what the step then pays to resize a batch on this machine's
+JAX device (on a TPU or GPU a small share of a step; on a CPU more than Pillow's resize).
+
 ``--num_workers=N`` adds the reduced decode in N worker processes (Grain's
 ``mp_prefetch``: no GIL between records; their CPU time is not this process's, so that
 row has no CPU-time rate). The stage table then times each stage of the ArrayRecord
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import math
@@ -46,12 +52,13 @@ import time
 from collections.abc import Iterator
 
 import grain
+import jax
 import numpy as np
 from absl import flags
 from PIL import Image
 
 from clip_jax import chips, cli
-from clip_jax.data import mixture, pipeline, records, skips, tokenizer, transforms, webdataset
+from clip_jax.data import canvas, mixture, pipeline, records, skips, tokenizer, transforms, webdataset
 from clip_jax.models import clip
 
 _ARRAY_RECORD = flags.DEFINE_string("array_record", None, "Glob of ArrayRecord shards.")
@@ -63,6 +70,9 @@ _THREADS = flags.DEFINE_integer("num_threads", 0, "Grain decode threads (0: the 
 _STORED = flags.DEFINE_integer("stored_size", 0, "Re-encode images at this short side first (0: as stored).")
 _WORKERS = flags.DEFINE_integer(
     "num_workers", 0, "Also time the reduced decode in this many worker processes (0: not)."
+)
+_CANVAS = flags.DEFINE_integer(
+    "canvas_size", 0, "Also time crops sent unresized in this canvas (config.data.canvas_size; 0: not)."
 )
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Runs of each reader (interleaved); the best is shown.")
 
@@ -156,11 +166,22 @@ def _row(name: str, images: int, wall: float, cpu: float, cores: int) -> Row:
 
 
 def grain_reader(
-    files: list[str], tok, size: int, b: int, n: int, threads: int, reduced: bool, before=False, workers=0
+    files: list[str],
+    tok,
+    size: int,
+    b: int,
+    n: int,
+    threads: int,
+    reduced: bool,
+    before=False,
+    workers=0,
+    canvas_size=0,
 ):
     """A reader of the Grain ArrayRecord pipeline (``before``: with the tokenizer's old list encode;
-    ``workers``: in that many worker processes, each with ``threads`` threads)."""
+    ``workers``: in that many worker processes, each with ``threads`` threads; ``canvas_size``:
+    crops left for the step to resize, `clip_jax.data.canvas`)."""
     name = "before" if before else "reduced decode" if reduced else "exact decode"
+    name += f" + canvas {canvas_size}" if canvas_size else ""
     where = f"{workers} procs x {threads} thr" if workers else f"{threads} thr"
     cores = min(workers * threads if workers else threads, CORES)
 
@@ -176,6 +197,7 @@ def grain_reader(
                 num_threads=threads,
                 stall_timeout_s=None,
                 reduced_decode=reduced,
+                canvas_size=canvas_size,
             )
             row = timed(f"Grain ArrayRecord, {name} ({where})", it, b, n, cores)
             # This process's CPU clock misses the workers': no CPU-time rate then.
@@ -199,7 +221,7 @@ def best_of(readers: list, repeats: int) -> list[Row]:
 def print_table(rows: list[Row]) -> None:
     base = rows[0]
     head = ("reader", "images/s", "cores", "per core", "ratio", "img/CPU-s", "ratio", "CPU/wall")
-    print("{:<52}{:>9}{:>6}{:>9}{:>7}{:>10}{:>7}{:>9}".format(*head))
+    print("{:<64}{:>9}{:>6}{:>9}{:>7}{:>10}{:>7}{:>9}".format(*head))
     for r in rows:
         cpu = (
             f"{'-':>10}{'-':>7}{'-':>9}"
@@ -207,7 +229,33 @@ def print_table(rows: list[Row]) -> None:
             else f"{r.cpu_rate:>10.0f}{r.cpu_rate / base.cpu_rate:>7.2f}{r.utilisation:>9.2f}"
         )
         ratio = r.per_core / base.per_core
-        print(f"{r.name:<52}{r.rate:>9.0f}{r.cores:>6}{r.per_core:>9.0f}{ratio:>7.2f}{cpu}")
+        print(f"{r.name:<64}{r.rate:>9.0f}{r.cores:>6}{r.per_core:>9.0f}{ratio:>7.2f}{cpu}")
+
+
+def step_resize_cost(files: list[str], tok, size: int, b: int, canvas_size: int) -> dict[str, float]:
+    """What the step pays for `canvas.resize` of one batch of ``b`` canvases on this machine's
+    first JAX device: {"ms_per_batch", "us_per_image", "on_device" (share resized there)}."""
+    it = pipeline.train_iterator(files, tok, size, b, seed=0, stall_timeout_s=None, canvas_size=canvas_size)
+    batch = jax.device_put({k: next(it)[k] for k in ("image", "box", "extent")})
+    it.close()
+    resize = jax.jit(lambda x: canvas.resize(x["image"], x["box"], x["extent"], size))
+    resize(batch).block_until_ready()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        resize(batch).block_until_ready()
+        times.append(time.perf_counter() - start)
+    identity = np.all(np.asarray(batch["box"]) == [0, 0, size, size], axis=1)
+    ms = 1e3 * float(np.median(times))
+    return {"ms_per_batch": ms, "us_per_image": 1e3 * ms / b, "on_device": 1 - float(np.mean(identity))}
+
+
+def print_step_resize(cost: dict[str, float], b: int, canvas_size: int) -> None:
+    print(
+        f"\nCanvas {canvas_size}: {cost['on_device']:.0%} of crops left for the step to resize; the "
+        f"step's resize of a batch of {b} on {jax.devices()[0].platform}: {cost['ms_per_batch']:.1f} ms "
+        f"({cost['us_per_image']:.0f} us per image)"
+    )
 
 
 def stage_costs(files: list[str], tok: tokenizer.Tokenizer, size: int, n: int) -> dict[str, float]:
@@ -315,6 +363,11 @@ def main(argv):
         readers.append(grain_reader(files, tok, size, b, n, threads, reduced=True))
         if _WORKERS.value:
             readers.append(grain_reader(files, tok, size, b, n, 1, reduced=True, workers=_WORKERS.value))
+        if _CANVAS.value:
+            with_canvas = functools.partial(grain_reader, files, tok, size, b, n, canvas_size=_CANVAS.value)
+            readers += [with_canvas(t, True) for t in sorted({1, threads})]
+            if _WORKERS.value:
+                readers.append(with_canvas(1, True, workers=_WORKERS.value))
     if tars:
         tar_it = lambda: webdataset.train_iterator(tars, tok, size, b, seed=0, stall_timeout_s=None)
         readers.append(lambda: timed("Grain tar stream, tar as is (1 thr)", tar_it(), b, n, 1))
@@ -324,7 +377,11 @@ def main(argv):
     print(f"(reduced decode: crops >= {2 * size} px; best of {_REPEATS.value} interleaved runs each)")
     print_table(rows)
     threaded = [r for r in rows if r.name.startswith("Grain ArrayRecord, reduced") and "procs" not in r.name]
-    print_tpu_needs(threaded[-1] if threaded else rows[0])
+    hosted = [r for r in threaded if "canvas" not in r.name]
+    print_tpu_needs(hosted[-1] if hosted else rows[0])
+    if _CANVAS.value and files:
+        print_tpu_needs(threaded[-1])
+        print_step_resize(step_resize_cost(files, tok, size, b, _CANVAS.value), b, _CANVAS.value)
     if files:
         print_stages(stage_costs(files, tok, size, n))
     tmp.cleanup()

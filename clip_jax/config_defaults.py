@@ -101,8 +101,9 @@ def base_config() -> ConfigDict:
             # > 0: each training crop is sent unresized in a canvas_size x canvas_size canvas
             # (>= the model's image size) and resized in the train step (bicubic, on device;
             # clip_jax/data/canvas.py), saving the host's resize (60-66% of a record's time); a
-            # crop that does not fit is resized on the host as before. Within 0.5 grey levels mean
-            # of the host resize. 0: the host resizes every crop.
+            # crop that does not fit is resized on the host as before. Within 0.3 grey levels mean
+            # of the host resize; for TPU/GPU steps whose host is short of cores (on a CPU the
+            # step's resize costs more than Pillow's). 0: the host resizes every crop.
             "canvas_size": 0,
             # Bad records are skipped, replaced and counted; above this share the run stops.
             "max_skip_fraction": 0.1,

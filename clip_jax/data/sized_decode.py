@@ -106,19 +106,12 @@ def _resize(rgb: Image.Image, region: Box, size: int) -> np.ndarray:
     return np.asarray(rgb.resize((size, size), Image.BICUBIC, box=region), dtype=np.uint8)
 
 
-def random_resized_crop(
-    data: bytes,
-    size: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = transforms.CROP_SCALE,
-    ratio: tuple[float, float] = transforms.CROP_RATIO,
-    max_pixels: int = transforms.MAX_PIXELS,
-    reduced: bool = True,
-) -> np.ndarray:
+def random_resized_crop(data: bytes, size: int, rng: np.random.Generator, *args, **kwargs) -> np.ndarray:
     """Encoded bytes -> `transforms.random_resized_crop` of the decoded image (the same box,
     the same draws from ``rng``), a JPEG decoded at reduced scale when ``reduced`` and the box
-    allows. Raises `skips.BadRecord` (as `transforms.decode_image`)."""
-    return _resize(*random_region(data, size, rng, scale, ratio, max_pixels, reduced), size)
+    allows; the further arguments are `random_region`'s (scale, ratio, max_pixels, reduced).
+    Raises `skips.BadRecord` (as `transforms.decode_image`)."""
+    return _resize(*random_region(data, size, rng, *args, **kwargs), size)
 
 
 def random_region(

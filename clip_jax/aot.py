@@ -123,13 +123,14 @@ def abstract_inputs(config: ml_collections.ConfigDict, devices: list):
             model, tx, schedule, loss_fn, config.train.accum_steps, config.train.seed
         )
         step_fn = step.compile_train_step(train_step, shardings, mesh)
-    length, batch_size = model.config.text.context_length, config.train.batch_size
-    size = config.data.get("canvas_size", 0) or model.config.vision.image_size
+    length, canvas_size = model.config.text.context_length, config.data.get("canvas_size", 0)
+    size = canvas_size or model.config.vision.image_size
+    batch_sharding = sharding.batch_sharding(mesh)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(
-        (batch_size, *shape), dtype, sharding=sharding.batch_sharding(mesh)
+        (config.train.batch_size, *shape), dtype, sharding=batch_sharding
     )
     batch = {"image": spec((size, size, 3), "uint8"), "tokens": spec((length,), "int32")}
-    if config.data.get("canvas_size", 0):  # crops resized in the step (clip_jax/data/canvas.py)
+    if canvas_size:  # crops resized in the step (clip_jax/data/canvas.py)
         batch.update(box=spec((4,), "float32"), extent=spec((2,), "int32"))
     return step_fn, state, batch, mesh
 

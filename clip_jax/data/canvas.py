@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-Box = tuple[float, float, float, float]  # left, top, right, bottom (pixels, continuous)
+from clip_jax.data import sized_decode
+
+Box = sized_decode.Box  # left, top, right, bottom (pixels, continuous)
 
 # Pillow's bicubic filter reaches 2 input pixels each side of a sample (times the shrink factor).
 _SUPPORT = 2.0
@@ -62,7 +64,7 @@ def place(rgb: Image.Image, box: Box, size: int, canvas_size: int) -> dict[str, 
     x0, x1 = _span(left, right, (right - left) / size, rgb.width)
     y0, y1 = _span(top, bottom, (bottom - top) / size, rgb.height)
     if x1 - x0 > canvas_size or y1 - y0 > canvas_size:
-        return identity(np.asarray(rgb.resize((size, size), Image.BICUBIC, box=box)), canvas_size)
+        return identity(sized_decode.resize_region(rgb, box, size), canvas_size)
     canvas = np.zeros((canvas_size, canvas_size, 3), np.uint8)
     canvas[: y1 - y0, : x1 - x0] = np.asarray(rgb)[y0:y1, x0:x1]
     return {

@@ -97,17 +97,16 @@ class DecodeExample:
         # Drawn first: the crop's randomness then does not depend on the number of captions.
         caption = captions.choose(record, rng, self.caption_field)
         data, size, reduced = record.get("image") or b"", self.image_size, self.reduced_decode
-        tokens = self.tokenizer([caption])[0]
         if self.crop is None or rng is None:
             image = sized_decode.resize_center_crop(data, size, self.max_pixels, reduced)
+            example = canvas.identity(image, self.canvas_size) if self.canvas_size else {"image": image}
+        else:
+            crop = (data, size, rng, self.crop.scale, self.crop.ratio, self.max_pixels, reduced)
             if self.canvas_size:
-                return {**canvas.identity(image, self.canvas_size), "tokens": tokens}
-            return {"image": image, "tokens": tokens}
-        crop = (data, size, rng, self.crop.scale, self.crop.ratio, self.max_pixels, reduced)
-        if self.canvas_size:
-            rgb, box = sized_decode.random_region(*crop)
-            return {**canvas.place(rgb, box, size, self.canvas_size), "tokens": tokens}
-        return {"image": sized_decode.random_resized_crop(*crop), "tokens": tokens}
+                example = canvas.place(*sized_decode.random_region(*crop), size, self.canvas_size)
+            else:
+                example = {"image": sized_decode.random_resized_crop(*crop)}
+        return {**example, "tokens": self.tokenizer([caption])[0]}
 
 
 def _unpack(data: bytes) -> dict:

@@ -83,7 +83,7 @@ def crop_resize(img: Image.Image, box: Box, size: int, turn: int, reduced: bool 
     (coordinates of the full, oriented image) resized to uint8 [size, size, 3] (bicubic);
     decoded at the smallest DCT scale that keeps the box at least ``size`` pixels each way
     when ``reduced``. Raises `skips.BadRecord`."""
-    return _resize(*decode_region(img, box, size, turn, reduced), size)
+    return resize_region(*decode_region(img, box, size, turn, reduced), size)
 
 
 def decode_region(
@@ -102,7 +102,8 @@ def decode_region(
     return rgb, reduced_box(box, stored, turn, scale)
 
 
-def _resize(rgb: Image.Image, region: Box, size: int) -> np.ndarray:
+def resize_region(rgb: Image.Image, region: Box, size: int) -> np.ndarray:
+    """The ``region`` of ``rgb`` resized to uint8 [size, size, 3] (Pillow, bicubic)."""
     return np.asarray(rgb.resize((size, size), Image.BICUBIC, box=region), dtype=np.uint8)
 
 
@@ -111,7 +112,7 @@ def random_resized_crop(data: bytes, size: int, rng: np.random.Generator, *args,
     the same draws from ``rng``), a JPEG decoded at reduced scale when ``reduced`` and the box
     allows; the further arguments are `random_region`'s (scale, ratio, max_pixels, reduced).
     Raises `skips.BadRecord` (as `transforms.decode_image`)."""
-    return _resize(*random_region(data, size, rng, *args, **kwargs), size)
+    return resize_region(*random_region(data, size, rng, *args, **kwargs), size)
 
 
 def random_region(

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models import matmul
+
 Dtype = Any
 
 # OpenAI's LayerNorm is PyTorch's (eps 1e-5); keep it for weight compatibility.
@@ -55,14 +57,14 @@ def layer_norm(name: str, dtype: Dtype, eps: float = LAYER_NORM_EPS) -> nn.Layer
 
 
 class Projection(nn.Module):
-    """``einsum`` with a kernel of named axes and a bias: [..., in] -> [..., out] over any dims.
+    """A kernel of named axes and a bias: x [..., *in] -> [..., *out] over any dims.
 
-    ``spec`` is the einsum of input and kernel, e.g. "bld,dhk->blhk"; ``kernel_shape``
-    and ``names`` describe the kernel, whose trailing output dims form the bias.
+    ``kernel_shape`` [*in, *out] and ``names`` describe the kernel, whose trailing
+    ``num_out`` dims form the output and the bias (the einsums "bld,dhk->blhk",
+    "blhk,hkd->bld", or a Dense's "...d,dm->...m"); `matmul.contract` computes it.
     (flax's DenseGeneral initialises a flattened kernel, which breaks logical sharding.)
     """
 
-    spec: str
     kernel_shape: tuple[int, ...]
     names: tuple[str, ...]
     num_out: int
@@ -74,9 +76,9 @@ class Projection(nn.Module):
         kernel = self.param("kernel", normal(self.stddev, self.names), self.kernel_shape)
         out_shape, out_names = self.kernel_shape[-self.num_out :], self.names[-self.num_out :]
         bias = self.param("bias", zeros(out_names), out_shape)
-        return jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(
-            self.dtype
-        )
+        num_in = len(self.kernel_shape) - self.num_out
+        y = matmul.contract(x.astype(self.dtype), kernel.astype(self.dtype), num_in)
+        return y + bias.astype(self.dtype)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
@@ -116,18 +118,12 @@ class Attention(nn.Module):
         names = ("embed", "heads", "kv")
         context = x if context is None else context
         q, k, v = (
-            Projection("bld,dhk->blhk", shape, names, 2, width**-0.5, self.dtype, name=name)(source)
+            Projection(shape, names, 2, width**-0.5, self.dtype, name=name)(source)
             for name, source in (("query", x), ("key", context), ("value", context))
         )  # [B, L or S, H, Dh]
         out = attend(q, k, v, self.causal)
         return Projection(
-            "blhk,hkd->bld",
-            shape[1:] + shape[:1],
-            names[1:] + names[:1],
-            1,
-            self.out_stddev,
-            self.dtype,
-            name="out",
+            shape[1:] + shape[:1], names[1:] + names[:1], 1, self.out_stddev, self.dtype, name="out"
         )(out)
 
 
@@ -141,21 +137,11 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, L, D] -> [B, L, D]."""
         width = x.shape[-1]
-        h = nn.Dense(
-            self.hidden,
-            dtype=self.dtype,
-            kernel_init=normal((2 * width) ** -0.5, ("embed", "mlp")),
-            bias_init=zeros(("mlp",)),
-            name="fc",
-        )(x)
-        h = nn.with_logical_constraint(ACTIVATIONS[self.activation](h), ("batch", "length", "mlp"))
-        return nn.Dense(
-            width,
-            dtype=self.dtype,
-            kernel_init=normal(self.out_stddev, ("mlp", "embed")),
-            bias_init=zeros(("embed",)),
-            name="proj",
-        )(h)
+        # The parameters (and their init) of flax's nn.Dense, through `matmul.contract`.
+        fc = Projection((width, self.hidden), ("embed", "mlp"), 1, (2 * width) ** -0.5, self.dtype, name="fc")
+        h = nn.with_logical_constraint(ACTIVATIONS[self.activation](fc(x)), ("batch", "length", "mlp"))
+        proj = Projection((self.hidden, width), ("mlp", "embed"), 1, self.out_stddev, self.dtype, name="proj")
+        return proj(h)
 
 
 class ResidualBlock(nn.Module):

@@ -136,14 +136,12 @@ class AttentionPool2d(nn.Module):
         std, shape = width**-0.5, (width, self.heads, width // self.heads)
         names = ("embed", "heads", "kv")
         q, k, v = (
-            layers.Projection("bld,dhk->blhk", shape, names, 2, std, self.dtype, name=name)(y)
+            layers.Projection(shape, names, 2, std, self.dtype, name=name)(y)
             for name, y in (("query", x[:, :1]), ("key", x), ("value", x))
         )  # [B, 1 or HW + 1, H, Dh]
         out = layers.attend(q, k, v)  # [B, 1, H, Dh]
         out_shape = (self.heads, width // self.heads, self.out_dim)
-        out = layers.Projection(
-            "blhk,hkd->bld", out_shape, ("heads", "kv", "joint"), 1, std, self.dtype, name="out"
-        )(out)
+        out = layers.Projection(out_shape, ("heads", "kv", "joint"), 1, std, self.dtype, name="out")(out)
         return out[:, 0]
 
 

@@ -16,11 +16,14 @@ CASES = [
 ]
 
 
+def _operands(seed, x_shape, k_shape, dtype):
+    kx, kk, kg = jax.random.split(jax.random.key(seed), 3)
+    return jax.random.normal(kx, x_shape, dtype), jax.random.normal(kk, k_shape, dtype), kg
+
+
 @pytest.mark.parametrize("spec, x_shape, k_shape, num_in, dtype, tol", CASES)
 def test_contract_equals_einsum_and_its_gradients(spec, x_shape, k_shape, num_in, dtype, tol):
-    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, x_shape, dtype)
-    kernel = jax.random.normal(kk, k_shape, dtype)
+    x, kernel, kg = _operands(0, x_shape, k_shape, dtype)
     ours = jax.jit(matmul.contract, static_argnums=2)(x, kernel, num_in)
     theirs = jnp.einsum(spec, x, kernel)
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
@@ -44,9 +47,7 @@ def test_contract_equals_einsum_and_its_gradients(spec, x_shape, k_shape, num_in
 @pytest.mark.parametrize("branch", ["_flat_vjp", "_autodiff_vjp"])
 def test_each_platforms_gradients_equal_einsums(branch, spec, x_shape, k_shape, num_in, dtype, tol):
     # The CPU branch runs here through `contract`; both are also checked on their own.
-    kx, kk, kg = jax.random.split(jax.random.key(1), 3)
-    x = jax.random.normal(kx, x_shape, dtype)
-    kernel = jax.random.normal(kk, k_shape, dtype)
+    x, kernel, kg = _operands(1, x_shape, k_shape, dtype)
     y, vjp = jax.vjp(lambda x, k: jnp.einsum(spec, x, k), x, kernel)
     dy = jax.random.normal(kg, y.shape, dtype)
     ours = jax.jit(getattr(matmul, branch), static_argnums=3)(x, kernel, dy, num_in)

@@ -33,8 +33,8 @@ from jax import lax
 
 
 def _forward(x: jax.Array, kernel: jax.Array, num_in: int) -> jax.Array:
-    if x.shape[x.ndim - num_in :] != kernel.shape[:num_in]:
-        in_dims = x.shape[x.ndim - num_in :]
+    in_dims = x.shape[x.ndim - num_in :]
+    if in_dims != kernel.shape[:num_in]:
         raise ValueError(f"contract: input dims {in_dims} do not match the kernel's {kernel.shape[:num_in]}")
     dims = (tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in)))
     return lax.dot_general(x, kernel, (dims, ((), ())))
@@ -59,6 +59,7 @@ def _flat_vjp(x, kernel, dy, num_in):
 
 
 def _autodiff_vjp(x, kernel, dy, num_in):
+    # The forward traced here is unused (XLA drops it); only its transpose is kept.
     return jax.vjp(functools.partial(_forward, num_in=num_in), x, kernel)[1](dy)
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from clip_jax.models import matmul
+from clip_jax.models import cpu_backward, matmul
 
 Dtype = Any
 
@@ -23,9 +24,20 @@ Dtype = Any
 LAYER_NORM_EPS = 1e-5
 
 
-def quick_gelu(x: jax.Array) -> jax.Array:
-    """OpenAI's approximation ``x * sigmoid(1.702 x)``, used by their checkpoints."""
+def _quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _quick_gelu_cpu_backward(x: jax.Array, dy: jax.Array) -> tuple[jax.Array]:
+    # The sigmoid recomputed from x, written through tanh so that XLA's CSE does not merge it
+    # with the forward's: merged, the forward writes the sigmoid out for the backward to read,
+    # two more passes over [B, L, 4D] (ViT-B/32 step on CPU ~1.5% faster without them).
+    s = 0.5 + 0.5 * jnp.tanh(0.851 * x)
+    return (dy * s * (1 + 1.702 * x * (1 - s)),)
+
+
+# OpenAI's approximation ``x * sigmoid(1.702 x)``, used by their checkpoints.
+quick_gelu = cpu_backward.with_cpu_backward(_quick_gelu, _quick_gelu_cpu_backward)
 
 
 ACTIVATIONS = {
@@ -45,15 +57,61 @@ def zeros(names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def layer_norm(name: str, dtype: Dtype, eps: float = LAYER_NORM_EPS) -> nn.LayerNorm:
+def layer_norm(name: str, dtype: Dtype, eps: float = LAYER_NORM_EPS) -> LayerNorm:
     """LayerNorm whose statistics are computed in float32 whatever ``dtype`` is (SigLIP: eps 1e-6)."""
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=zeros(("norm",)),
-        name=name,
+    return LayerNorm(epsilon=eps, dtype=dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+    """flax's ``nn.LayerNorm`` over the last axis: the same parameters, init and forward (op
+    for op), with `cpu_backward`'s gradients on CPU (`_layer_norm_cpu_backward`)."""
+
+    epsilon: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+        scale = self.param("scale", ones, (width,))
+        bias = self.param("bias", zeros(("norm",)), (width,))
+        return _layer_norm(self.epsilon, jnp.dtype(self.dtype))(x, scale, bias)
+
+
+@functools.cache
+def _layer_norm(eps: float, dtype: jnp.dtype):
+    return cpu_backward.with_cpu_backward(
+        functools.partial(_layer_norm_forward, eps=eps, dtype=dtype),
+        functools.partial(_layer_norm_cpu_backward, eps=eps),
     )
+
+
+def _statistics(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """flax's fast variance in float32: the mean and ``rsqrt(E[x^2] - E[x]^2 + eps)`` per row."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.maximum(0.0, lax.square(x).mean(-1, keepdims=True) - lax.square(mean))
+    return mean, lax.rsqrt(var + eps)
+
+
+def _layer_norm_forward(x, scale, bias, eps, dtype):
+    mean, rstd = _statistics(x.astype(jnp.promote_types(dtype, jnp.float32)), eps)
+    return jnp.asarray((x - mean) * (rstd * scale) + bias, dtype)
+
+
+def _layer_norm_cpu_backward(x, scale, bias, dy, eps):
+    # The two row sums that carry the scale are matrix-vector products with it. Written as
+    # reductions of ``dy * scale`` (autodiff's), XLA:CPU materialises the scale broadcast to
+    # [B, L, D] for each norm and keeps it from the forward to the backward (ViT-B/32 on CPU:
+    # 81 such arrays, the step ~1.5% slower).
+    x32, dy32 = x.astype(jnp.float32), dy.astype(jnp.float32)
+    mean, rstd = _statistics(x32, eps)
+    xhat = (x32 - mean) * rstd
+    dy_xhat = dy32 * xhat
+    row_dy, row_dy_xhat = (a @ scale for a in (dy32, dy_xhat))
+    dx = rstd * (dy32 * scale - (row_dy[..., None] + xhat * row_dy_xhat[..., None]) / x.shape[-1])
+    rows = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), dy_xhat.sum(rows).astype(scale.dtype), dy32.sum(rows).astype(bias.dtype)
 
 
 class Projection(nn.Module):

@@ -87,8 +87,8 @@ def _layer_norm(eps: float, dtype: jnp.dtype):
 
 
 def _statistics(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    """flax's fast variance in float32: the mean and ``rsqrt(E[x^2] - E[x]^2 + eps)`` per row."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    """flax's fast variance, in x's dtype (float32 or wider): the mean and
+    ``rsqrt(E[x^2] - E[x]^2 + eps)`` per row."""
     mean = x.mean(-1, keepdims=True)
     var = jnp.maximum(0.0, lax.square(x).mean(-1, keepdims=True) - lax.square(mean))
     return mean, lax.rsqrt(var + eps)

@@ -48,10 +48,13 @@ def test_cpu_fallback_compiles_the_tiny_step_for_8_simulated_devices(tiny_summar
     assert memory["total"] < 1 << 30 and summary["fits"]
 
 
-# The tiny variant's forward FLOPs per pair, by hand (layer = 24 n d^2 + 4 n^2 d):
-# image: 4 layers x (24*26*128^2 + 4*26^2*128) + patch embedding 2*25*3*8^2*128 = 43,507,712;
-# text: 3 x (24*16*128^2 + 4*16^2*128) = 19,267,584; projections 2*128*(128+128) = 65,536.
-TINY_FORWARD_FLOPS = 43_507_712 + 19_267_584 + 65_536
+# The tiny variant's forward FLOPs per pair, by hand (layer = 24 n d^2 + 4 n^2 d; a tower's
+# last block computes its pooled row alone: 4 n d^2 + 20 d^2 + 4 n d):
+# image: 3 layers x (24*26*128^2 + 4*26^2*128) + (4*26*128^2 + 20*128^2 + 4*26*128)
+#   + patch embedding 2*25*3*8^2*128 = 34,982,912;
+# text: 2 x (24*16*128^2 + 4*16^2*128) + (4*16*128^2 + 20*128^2 + 4*16*128) = 14,229,504;
+# projections 2*128*(128+128) = 65,536.
+TINY_FORWARD_FLOPS = 34_982_912 + 14_229_504 + 65_536
 
 
 def test_model_flops_of_a_step_is_three_forward_passes_of_the_batch():

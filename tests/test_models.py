@@ -82,15 +82,18 @@ def test_text_feature_is_taken_at_end_of_text(tiny):
 def test_text_attention_is_causal(tiny):
     model, params = tiny
 
-    def hidden(tokens):  # the text transformer's output [B, L, D]
+    # Every row of the blocks but the last (which computes only the pooled row): [B, L, D].
+    block = f"block_{model.config.text.layers - 2}"
+
+    def hidden(tokens):
         _, state = model.apply(
             {"params": params},
             jnp.array(tokens),
             method=clip.CLIP.encode_text,
-            capture_intermediates=lambda mdl, _: mdl.name == "transformer",
+            capture_intermediates=lambda mdl, _: mdl.name == block,
             mutable=["intermediates"],
         )
-        return state["intermediates"]["text"]["transformer"]["__call__"][0][0]
+        return state["intermediates"]["text"]["transformer"][block]["__call__"][0][0]
 
     tokens = [2, 5, 6, 7, 8, 9, 10, 3] + [0] * 8
     altered = list(tokens)

@@ -205,16 +205,28 @@ def dummy_inputs(config: CLIPConfig, batch: int = 1) -> tuple[jax.Array, jax.Arr
     return images, tokens
 
 
+def tower_flops(tokens: int, width: int, depth: int, pooled_row: bool) -> float:
+    """FLOPs of ``depth`` blocks over ``tokens`` rows: 24 n d^2 + 4 n^2 d each (ANCHORS.md).
+    ``pooled_row``: the tower pools one row and its last block computes only that one
+    (`layers.ResidualBlock`): keys and values at every row (4 n d^2), the query, attention
+    output and 4x MLP at one (20 d^2), one query's attention over n keys (4 n d)."""
+    layer = 24 * tokens * width**2 + 4 * tokens**2 * width
+    if not (pooled_row and depth):
+        return depth * layer
+    return (depth - 1) * layer + 4 * tokens * width**2 + 20 * width**2 + 4 * tokens * width
+
+
 def forward_flops_per_pair(config, kept_patches: int | None = None) -> float:
-    """Model FLOPs (2 x multiply-adds) of one image-text pair's forward pass (ANCHORS.md)."""
+    """Model FLOPs (2 x multiply-adds) of one image-text pair's forward pass: ANCHORS.md's
+    count, less what the towers need not compute (FLIP's dropped patches, and the rows of
+    a last block that the tower does not pool: `tower_flops`)."""
     vision, text = config.vision, config.text
-    layer = lambda n, d: 24 * n * d * d + 4 * n * n * d
+    text_flops = tower_flops(text.context_length, text.width, text.layers, pooled_row=True)
     if isinstance(vision, ResNetConfig):
-        text_flops = text.layers * layer(text.context_length, text.width) + 2 * config.embed_dim * text.width
-        return resnet.forward_flops(vision, config.embed_dim) + text_flops
+        return resnet.forward_flops(vision, config.embed_dim) + text_flops + 2 * config.embed_dim * text.width
     patches = vision.num_patches if kept_patches is None else kept_patches
     patch_embed = 2 * patches * 3 * vision.patch_size**2 * vision.width
-    image = vision.layers * layer(patches + int(vision.class_token), vision.width) + patch_embed
-    text_flops = text.layers * layer(text.context_length, text.width)
+    tokens = patches + int(vision.class_token)
+    image = tower_flops(tokens, vision.width, vision.layers, vision.pooling == "class_token") + patch_embed
     projections = 2 * config.embed_dim * (vision.width + text.width)
     return image + text_flops + projections

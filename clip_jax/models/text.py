@@ -74,6 +74,10 @@ class TextTransformer(nn.Module):
         )
         x = x + pos_embedding[: tokens.shape[1]].astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        if cfg.pooling == "last":  # SigLIP: texts are padded to full length; the last position sees all
+            pooled = jnp.full(tokens.shape[:1], tokens.shape[1] - 1)
+        else:
+            pooled = end_of_text_index(tokens, cfg.pad_id)
         x = layers.Transformer(
             cfg.layers,
             cfg.heads,
@@ -86,12 +90,8 @@ class TextTransformer(nn.Module):
             mlp_dim=cfg.mlp_dim,
             norm_eps=cfg.norm_eps,
             name="transformer",
-        )(x)
-        x = layers.layer_norm("ln_final", self.dtype, cfg.norm_eps)(x)
-        if cfg.pooling == "last":
-            x = x[:, -1]  # SigLIP: texts are padded to full length; the last position sees all
-        else:
-            x = x[jnp.arange(x.shape[0]), end_of_text_index(tokens, cfg.pad_id)]  # [B, D]
+        )(x, pooled)  # [B, 1, D]: the pooled row alone
+        x = layers.layer_norm("ln_final", self.dtype, cfg.norm_eps)(x[:, 0])
         proj = self.param(
             "proj", layers.normal(cfg.width**-0.5, ("embed", "joint")), (cfg.width, self.embed_dim)
         )

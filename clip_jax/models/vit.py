@@ -107,7 +107,7 @@ class VisionTransformer(nn.Module):
         """Tokens after the blocks [B, T, D] -> [B, D], ``ln_post`` included."""
         cfg = self.config
         ln_post = layers.layer_norm("ln_post", self.dtype, cfg.norm_eps)
-        if cfg.pooling == "class_token":
+        if cfg.pooling == "class_token":  # x: [B, 1, D], the class token alone
             return ln_post(x[:, 0])
         x = ln_post(x)
         if cfg.pooling == "map":
@@ -139,7 +139,7 @@ class VisionTransformer(nn.Module):
             mlp_dim=cfg.mlp_dim,
             norm_eps=cfg.norm_eps,
             name="transformer",
-        )(x)
+        )(x, jnp.zeros(x.shape[:1], jnp.int32) if cfg.pooling == "class_token" else None)
         x = self._pool(x).astype(jnp.float32)
         if not cfg.projection:
             return x

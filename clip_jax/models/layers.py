@@ -211,8 +211,16 @@ class Mlp(nn.Module):
 
 
 def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-    """[B, L, D] and one position per example [B] -> [B, 1, D]."""
-    return jnp.take_along_axis(x, rows[:, None, None], axis=1)
+    """[B, L, D] and one position per example [B] -> [B, 1, D], exactly.
+
+    A one-hot contraction, a dot batched over B: sharded along B like the activations,
+    it partitions with no communication, where a gather of the same rows made XLA's
+    partitioner all-gather x over the batch (AOT v5p-256 B/16: 22.6 GiB per device
+    instead of 4.6). HIGHEST precision keeps float32 rows exact on TPUs.
+    """
+    one_hot = jax.nn.one_hot(rows, x.shape[1], dtype=x.dtype)
+    out = jnp.einsum("bl,bld->bd", one_hot, x, precision=lax.Precision.HIGHEST)
+    return out[:, None]
 
 
 class ResidualBlock(nn.Module):

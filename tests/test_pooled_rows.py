@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scan_layout
 
 from clip_jax.models import clip, layers
 
@@ -47,16 +48,6 @@ def test_block_at_rows_equals_those_rows_of_the_full_block(causal):
     _close(our_grads, ref_grads, 1e-5)  # parameters and input: every row's keys and values count
 
 
-def _stacked(params):
-    """Unrolled tower params -> the scanned layout (blocks stacked on a leading axis)."""
-    out = dict(params)
-    for tower in ("visual", "text"):
-        blocks = params[tower]["transformer"]
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[f"block_{i}"] for i in range(len(blocks))))
-        out[tower] = {**params[tower], "transformer": {"blocks": stacked}}
-    return out
-
-
 @pytest.mark.parametrize("variant", ["tiny", "tiny-siglip"])  # class token + EOT; MAP head + last position
 def test_towers_equal_the_scanned_towers_which_compute_every_row(variant):
     """``scan`` runs the last block on every row and takes the pooled one after: the
@@ -76,7 +67,7 @@ def test_towers_equal_the_scanned_towers_which_compute_every_row(variant):
 
     run = lambda model, p: jax.jit(jax.value_and_grad(lambda p: loss(model, p), has_aux=True))(p)
     (ours, our_emb), our_grads = run(unrolled, params)
-    (ref, ref_emb), ref_grads = run(scanned, _stacked(params))
+    (ref, ref_emb), ref_grads = run(scanned, scan_layout.stacked(params))
     _close(ours, ref, 1e-5)
     _close(our_emb, ref_emb, 1e-5)
     ref_grads = layers.unstack_layers(ref_grads)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scan_layout
 
 from clip_jax import losses, recipe, sharding, step
 from clip_jax.config_defaults import base_config
@@ -65,11 +66,7 @@ def test_scanned_blocks_compute_what_unrolled_blocks_do():
     unrolled = clip.CLIP(TINY)
     scanned = clip.CLIP(TINY, scan=True)
     params = init_params(unrolled)
-    scan_params = jax.tree.map(lambda x: x, params)
-    for tower in ("visual", "text"):
-        blocks = params[tower]["transformer"]
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[f"block_{i}"] for i in range(len(blocks))))
-        scan_params[tower] = {**params[tower], "transformer": {"blocks": stacked}}
+    scan_params = scan_layout.stacked(params)
     # The stacked layout is what the scanned model initialises, and unstacks back exactly.
     want = jax.tree.map(jnp.shape, init_params(scanned))
     assert jax.tree.map(jnp.shape, scan_params) == want

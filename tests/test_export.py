@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import scan_layout
 from conftest import load_config
 from safetensors.numpy import load_file
 
@@ -276,13 +277,8 @@ def test_scanned_blocks_export_as_per_block_tensors():
     """A ``transformer/blocks`` subtree with a leading layer axis exports as block_0 ... block_{L-1}."""
     config = SHAPES["v32h1p4i16-t32h2-mixed"]
     params = random_params(config)
-    stacked = dict(params)
-    for tower, layers in (("visual", config.vision.layers), ("text", config.text.layers)):
-        blocks = [params[tower]["transformer"][f"block_{i}"] for i in range(layers)]
-        scanned = {"blocks": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
-        stacked[tower] = {**params[tower], "transformer": scanned}
     per_block = files.external_tensors(params, config, "hf")
-    from_scanned = files.external_tensors(stacked, config, "hf")
+    from_scanned = files.external_tensors(scan_layout.stacked(params), config, "hf")
     assert per_block.keys() == from_scanned.keys()
     for key in per_block:
         np.testing.assert_array_equal(per_block[key], from_scanned[key], err_msg=key)
